@@ -1,0 +1,130 @@
+"""Command line: ``fvlm-pacs serve | worker | db upgrade | echo``.
+
+The only module that configures logging. Flags override the environment, which overrides the
+YAML file given with ``--config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fvlm_pacs import __version__
+from fvlm_pacs.config import Settings, load_settings
+from fvlm_pacs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _settings_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML settings file")
+    p.add_argument("--data-dir", type=Path, dest="data_dir")
+    p.add_argument("--database-url", dest="database_url")
+    p.add_argument("--ae-title", dest="ae_title")
+    p.add_argument("--dicom-host", dest="dicom_host")
+    p.add_argument("--dicom-port", type=int, dest="dicom_port")
+    p.add_argument("--http-host", dest="http_host")
+    p.add_argument("--http-port", type=int, dest="http_port")
+    p.add_argument("--stable-seconds", type=float, dest="stable_seconds")
+    p.add_argument("--workers", type=int, dest="workers")
+    p.add_argument("--log-level", dest="log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+_OVERRIDES = (
+    "data_dir",
+    "database_url",
+    "ae_title",
+    "dicom_host",
+    "dicom_port",
+    "http_host",
+    "http_port",
+    "stable_seconds",
+    "workers",
+    "log_level",
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fvlm-pacs", description=__doc__)
+    p.add_argument("--version", action="version", version=f"fvlm-pacs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _settings_flags(sub.add_parser("serve", help="DICOM SCP + HTTP API + sweep + workers"))
+    _settings_flags(sub.add_parser("worker", help="a worker pool only (scale out on PostgreSQL)"))
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    _settings_flags(db_sub.add_parser("upgrade", help="apply Alembic migrations"))
+    echo = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    echo.add_argument("host")
+    echo.add_argument("port", type=int)
+    echo.add_argument("aet", help="the peer's (called) AE title")
+    echo.add_argument("--calling-aet", default="FVLM_PACS")
+    return p
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    overrides = {k: getattr(args, k, None) for k in _OVERRIDES}
+    return load_settings(args.config, **overrides)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; keep its summaries only.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=args.calling_aet)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(args.host, args.port, ae_title=args.aet)
+    if not assoc.is_established:
+        print(f"association with {args.aet}@{args.host}:{args.port} failed", file=sys.stderr)
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if status and "Status" in status else None
+    if code != 0:
+        print(f"C-ECHO failed: status {code}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO {args.aet}@{args.host}:{args.port}: success")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "echo":
+        _configure_logging("WARNING")
+        return _echo(args)
+    try:
+        settings = _load(args)
+    except ConfigError as exc:
+        print(f"fvlm-pacs: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    from fvlm_pacs import service  # heavy imports only for the commands that need them
+
+    if args.command == "serve":
+        service.serve(settings)
+    elif args.command == "worker":
+        service.work(settings)
+    elif args.command == "db":
+        from fvlm_pacs.db import make_engine, upgrade
+
+        engine = make_engine(settings.resolved_database_url)
+        upgrade(engine)
+        print(f"database at head: {engine.url.render_as_string(hide_password=True)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

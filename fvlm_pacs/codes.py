@@ -1,0 +1,633 @@
+"""Loads and checks the data tables in ``mappings/``.
+
+Everything a site may want to tune without touching code (which series to use, coded concepts,
+prompts, thresholds) lives as data under ``mappings/``, each table with its provenance in
+``mappings/README.md``. This module turns those files into typed, frozen objects and refuses a file
+it does not fully understand: a typo in a rule must stop the service at start-up with a
+:class:`~fvlm_pacs.errors.ConfigError` naming the key, not silently select the wrong series.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import yaml
+from pydicom.datadict import tag_for_keyword
+
+from fvlm_pacs.errors import ConfigError
+
+MAPPINGS_ENV = "FVLM_PACS_MAPPINGS"
+"""Environment variable that points at a ``mappings/`` folder (overrides the shipped one)."""
+
+
+def mappings_dir() -> Path:
+    """Where the ``mappings/`` data tables are.
+
+    The folder is top-level in the repository and installed as data files, so its place depends on
+    how the package runs: ``$FVLM_PACS_MAPPINGS`` wins (a site's own tables); else the folder next
+    to the package in a source checkout; else ``<sys.prefix>/share/fvlm_pacs/mappings`` where
+    ``setup.py`` installs it.
+    """
+    env = os.environ.get(MAPPINGS_ENV)
+    if env:
+        return Path(env)
+    source = Path(__file__).resolve().parent.parent / "mappings"
+    if source.is_dir():
+        return source
+    return Path(sys.prefix) / "share" / "fvlm_pacs" / "mappings"
+
+
+# ---------------------------------------------------------------------------------------------
+# Series selection rules: mappings/series_rules.yaml
+# ---------------------------------------------------------------------------------------------
+
+
+class SeriesFacts(Protocol):
+    """What a rule can ask about one candidate series.
+
+    ``studies/assembly.py`` implements it from the instance headers; values are the ones most
+    instances of the series have (series are nearly always uniform, and one odd header must not
+    flip a verdict).
+    """
+
+    @property
+    def instance_count(self) -> int:
+        """Number of distinct SOP instances in the series."""
+        ...
+
+    def value(self, keyword: str) -> Any:
+        """The series' value of a DICOM attribute by keyword; ``None`` if absent or empty.
+
+        Multi-valued attributes come as tuples, DS as float, IS as int, everything else as str.
+        """
+        ...
+
+    def slice_normal(self) -> tuple[float, float, float] | None:
+        """cross(row direction, column direction) from ImageOrientationPatient, or ``None``."""
+        ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of one condition for one series.
+
+    ``notes`` explains the outcome: why it failed when ``ok`` is false, why it held when ``ok`` is
+    true (a ``not:`` group needs the latter to say what it excluded).
+    """
+
+    ok: bool
+    notes: tuple[str, ...]
+
+
+_MissingPolicy = Literal["pass", "fail"]
+
+
+def _fmt_num(x: float) -> str:
+    """Numbers in messages: 5.0 → '5.0', 0.625 → '0.625' (no float noise)."""
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:g}" if x != int(x) else f"{x:.1f}"
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, float):
+        return _fmt_num(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class AttributeCondition:
+    """Tests one DICOM attribute of the series; every operator given must hold (AND).
+
+    ``if_missing`` overrides what an absent/empty attribute means. By default an absent value fails
+    the positive tests (``in``, ``contains_all``, ``contains_any``, ``min``/``max``, ``matches``)
+    and passes the negative ones (``contains_none``, ``not_matches``): a missing value contains
+    nothing and matches nothing.
+
+    Messages never echo a free-text value (SeriesDescription may hold anything, and de-identification
+    profiles remove it); for regex tests only the matched excerpt is shown.
+    """
+
+    attribute: str
+    in_: tuple[Any, ...] | None = None
+    contains_all: tuple[str, ...] | None = None
+    contains_none: tuple[str, ...] | None = None
+    contains_any: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    matches: re.Pattern[str] | None = None
+    not_matches: re.Pattern[str] | None = None
+    unit: str = ""
+    if_missing: _MissingPolicy | None = None
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        return frozenset({self.attribute})
+
+    def evaluate(self, facts: SeriesFacts) -> Verdict:
+        value = facts.value(self.attribute)
+        passed: list[str] = []
+        failed: list[str] = []
+        for ok, note in self._checks(value):
+            (passed if ok else failed).append(note)
+        if failed:
+            return Verdict(False, tuple(failed))
+        return Verdict(True, tuple(passed))
+
+    def _missing(self, default_ok: bool, what: str) -> tuple[bool, str]:
+        ok = default_ok if self.if_missing is None else self.if_missing == "pass"
+        return ok, f"{self.attribute} missing ({what})"
+
+    def _checks(self, value: Any) -> list[tuple[bool, str]]:
+        a = self.attribute
+        unit = f" {self.unit}" if self.unit else ""
+        out: list[tuple[bool, str]] = []
+        if self.in_ is not None:
+            allowed = ", ".join(_show(v) for v in self.in_)
+            if value is None:
+                out.append(self._missing(False, f"must be one of {allowed}"))
+            elif isinstance(value, tuple):
+                out.append((False, f"{a} has several values, must be one of {allowed}"))
+            else:
+                ok = any(_same_scalar(value, v) for v in self.in_)
+                verb = "is" if ok else "is not"
+                out.append((ok, f"{a} {_show(value)} {verb} one of {allowed}"))
+        if self.contains_all is not None or self.contains_none is not None or self.contains_any is not None:
+            out.extend(self._contains_checks(value))
+        if self.min is not None or self.max is not None:
+            out.append(self._range_check(value, unit))
+        if self.matches is not None:
+            pat = self.matches.pattern
+            if value is None:
+                out.append(self._missing(False, f"must match /{pat}/"))
+            else:
+                m = self.matches.search(_show(value))
+                if m:
+                    out.append((True, f"{a} matches /{pat}/ at '{m.group(0)[:40]}'"))
+                else:
+                    out.append((False, f"{a} does not match /{pat}/"))
+        if self.not_matches is not None:
+            pat = self.not_matches.pattern
+            if value is None:
+                out.append(self._missing(True, f"must not match /{pat}/"))
+            else:
+                m = self.not_matches.search(_show(value))
+                if m:
+                    out.append((False, f"{a} matches excluded pattern at '{m.group(0)[:40]}'"))
+                else:
+                    out.append((True, f"{a} does not match /{pat}/"))
+        return out
+
+    def _contains_checks(self, value: Any) -> list[tuple[bool, str]]:
+        a = self.attribute
+        out: list[tuple[bool, str]] = []
+        have = {str(v).strip().upper() for v in _as_tuple(value)} if value is not None else set()
+        if self.contains_all is not None:
+            if value is None:
+                out.append(self._missing(False, f"must contain {', '.join(self.contains_all)}"))
+            else:
+                lacking = [v for v in self.contains_all if v.upper() not in have]
+                if lacking:
+                    out.append((False, f"{a} lacks {', '.join(lacking)}"))
+                else:
+                    out.append((True, f"{a} contains {', '.join(self.contains_all)}"))
+        if self.contains_none is not None:
+            if value is None:
+                out.append(self._missing(True, f"must not contain {', '.join(self.contains_none)}"))
+            else:
+                present = [v for v in self.contains_none if v.upper() in have]
+                if present:
+                    out.append((False, f"{a} contains {', '.join(present)}"))
+                else:
+                    out.append((True, f"{a} contains none of {', '.join(self.contains_none)}"))
+        if self.contains_any is not None:
+            if value is None:
+                out.append(self._missing(False, f"must contain one of {', '.join(self.contains_any)}"))
+            else:
+                present = [v for v in self.contains_any if v.upper() in have]
+                if present:
+                    out.append((True, f"{a} contains {', '.join(present)}"))
+                else:
+                    out.append((False, f"{a} contains none of {', '.join(self.contains_any)}"))
+        return out
+
+    def _range_check(self, value: Any, unit: str) -> tuple[bool, str]:
+        a = self.attribute
+        lo, hi = self.min, self.max
+        if lo is not None and hi is not None:
+            bounds = f"{_fmt_num(lo)}–{_fmt_num(hi)}{unit}"
+            want = f"within {bounds}"
+        elif lo is not None:
+            bounds = f"{_fmt_num(lo)}{unit}"
+            want = f"at least {bounds}"
+        else:
+            assert hi is not None
+            bounds = f"{_fmt_num(hi)}{unit}"
+            want = f"at most {bounds}"
+        if value is None:
+            return self._missing(False, f"must be {want}")
+        if isinstance(value, tuple):
+            return False, f"{a} has several values, must be a single number {want}"
+        try:
+            number = float(value)  # a numeric string (e.g. an unparsed DS) still counts
+        except (TypeError, ValueError):
+            return False, f"{a} is not a number (must be {want})"
+        if (lo is not None and number < lo) or (hi is not None and number > hi):
+            if lo is not None and hi is not None:
+                return False, f"{a} {_fmt_num(number)} outside {bounds}"
+            side = "below" if lo is not None else "above"
+            return False, f"{a} {_fmt_num(number)} {side} {bounds}"
+        return True, f"{a} {_fmt_num(number)} {want}"
+
+
+def _same_scalar(value: Any, allowed: Any) -> bool:
+    """``in`` compares strings case-insensitively (CS values vary in case in the wild), numbers
+    numerically."""
+    if isinstance(allowed, str) or isinstance(value, str):
+        return str(value).strip().upper() == str(allowed).strip().upper()
+    try:
+        return float(value) == float(allowed)
+    except (TypeError, ValueError):
+        return False
+
+
+_AXES: dict[str, tuple[float, float, float]] = {
+    "axial": (0.0, 0.0, 1.0),  # normal along the patient z (feet–head) axis
+    "coronal": (0.0, 1.0, 0.0),  # normal along y (anterior–posterior)
+    "sagittal": (1.0, 0.0, 0.0),  # normal along x (right–left)
+}
+
+
+@dataclass(frozen=True)
+class OrientationCondition:
+    """The slice plane is within ``max_angle_degrees`` of the named plane.
+
+    The angle is between the slice normal, cross(row, column) of ImageOrientationPatient, and the
+    plane's patient axis; the sign of the normal does not matter (feet-first and head-first stacks
+    are both axial).
+    """
+
+    plane: str
+    max_angle_degrees: float
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        return frozenset({"ImageOrientationPatient"})
+
+    def angle(self, normal: tuple[float, float, float]) -> float:
+        ax = _AXES[self.plane]
+        norm = math.sqrt(sum(v * v for v in normal))
+        if norm == 0.0:
+            return 90.0
+        cos = abs(sum(a * b for a, b in zip(ax, normal))) / norm
+        return math.degrees(math.acos(min(1.0, cos)))
+
+    def evaluate(self, facts: SeriesFacts) -> Verdict:
+        normal = facts.slice_normal()
+        if normal is None:
+            return Verdict(False, ("ImageOrientationPatient missing or malformed (orientation unknown)",))
+        angle = self.angle(normal)
+        ok = angle <= self.max_angle_degrees
+        limit = _fmt_num(self.max_angle_degrees).removesuffix(".0")
+        note = f"orientation {angle:.1f}° from {self.plane} (max {limit}°)"
+        return Verdict(ok, (note,))
+
+
+@dataclass(frozen=True)
+class MinInstancesCondition:
+    """The series has at least ``minimum`` distinct instances (a few slices cannot be a chest CT)."""
+
+    minimum: int
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        return frozenset()
+
+    def evaluate(self, facts: SeriesFacts) -> Verdict:
+        n = facts.instance_count
+        if n < self.minimum:
+            return Verdict(False, (f"{n} instances, fewer than {self.minimum}",))
+        return Verdict(True, (f"{n} instances (min {self.minimum})",))
+
+
+@dataclass(frozen=True)
+class AllOf:
+    """AND: every condition must hold; a failure lists every failing condition, not just the first,
+    so an operator sees all reasons at once."""
+
+    conditions: tuple[Condition, ...]
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        return frozenset().union(*(c.attributes for c in self.conditions))
+
+    def evaluate(self, facts: SeriesFacts) -> Verdict:
+        verdicts = [c.evaluate(facts) for c in self.conditions]
+        failed = [n for v in verdicts if not v.ok for n in v.notes]
+        if any(not v.ok for v in verdicts):
+            return Verdict(False, tuple(failed))
+        return Verdict(True, tuple(n for v in verdicts for n in v.notes))
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """OR: at least one condition must hold."""
+
+    conditions: tuple[Condition, ...]
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        return frozenset().union(*(c.attributes for c in self.conditions))
+
+    def evaluate(self, facts: SeriesFacts) -> Verdict:
+        notes: list[str] = []
+        for c in self.conditions:
+            v = c.evaluate(facts)
+            if v.ok:
+                return v
+            notes.append("; ".join(v.notes))
+        return Verdict(False, ("none of: " + " | ".join(notes),))
+
+
+@dataclass(frozen=True)
+class Not:
+    """NOT: the inner condition must fail."""
+
+    condition: Condition
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        return self.condition.attributes
+
+    def evaluate(self, facts: SeriesFacts) -> Verdict:
+        v = self.condition.evaluate(facts)
+        if v.ok:
+            return Verdict(False, tuple(f"excluded by not: {n}" for n in v.notes))
+        return Verdict(True, tuple(f"not: {n}" for n in v.notes))
+
+
+Condition = AttributeCondition | OrientationCondition | MinInstancesCondition | AllOf | AnyOf | Not
+
+
+@dataclass(frozen=True)
+class PreferKey:
+    """One ranking key: ``most``/``least`` of ``instances`` or of a numeric attribute."""
+
+    direction: Literal["most", "least"]
+    key: str  # "instances" or a DICOM keyword
+
+    def describe(self) -> str:
+        return f"{self.direction} {self.key}"
+
+    def sort_value(self, facts: SeriesFacts) -> tuple[int, float]:
+        """Ascending sort value; a series without the value sorts after every series with one."""
+        if self.key == "instances":
+            raw: Any = facts.instance_count
+        else:
+            raw = facts.value(self.key)
+        try:
+            number = float(raw)
+        except (TypeError, ValueError):
+            return (1, 0.0)
+        if math.isnan(number):
+            return (1, 0.0)
+        return (0, -number if self.direction == "most" else number)
+
+
+@dataclass(frozen=True)
+class SeriesRules:
+    """Which series of a study the model may see, and which of the acceptable ones it prefers.
+
+    ``condition`` is the top-level ``all:`` group; ``prefer`` ranks accepted series (ties end in
+    Series Instance UID order, so the choice never depends on arrival order).
+    """
+
+    condition: AllOf
+    prefer: tuple[PreferKey, ...]
+    source: str = "<memory>"
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        """Every DICOM keyword the rules read: headers need only these (plus geometry)."""
+        keys = {p.key for p in self.prefer if p.key != "instances"}
+        return self.condition.attributes | keys
+
+    def evaluate(self, facts: SeriesFacts) -> Verdict:
+        return self.condition.evaluate(facts)
+
+    def sort_key(self, facts: SeriesFacts) -> tuple[tuple[int, float], ...]:
+        return tuple(p.sort_value(facts) for p in self.prefer)
+
+
+_ATTRIBUTE_KEYS = frozenset(
+    {"attribute", "in", "contains_all", "contains_none", "contains_any", "min", "max", "matches",
+     "not_matches", "unit", "if_missing"}
+)
+_KINDS = ("attribute", "orientation", "min_instances", "all", "any", "not")
+_TOP_KEYS = frozenset({"version", "all", "prefer"})
+
+
+def load_series_rules(path: Path | None = None) -> SeriesRules:
+    """Read and validate ``series_rules.yaml`` (default: the one in :func:`mappings_dir`).
+
+    Raises :class:`ConfigError` naming the file and the key path (``all[2].any[0].contains_al``)
+    of the first thing it does not understand.
+    """
+    path = path or mappings_dir() / "series_rules.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"series rules: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"series rules {path.name}: not valid YAML: {exc}") from exc
+    return parse_series_rules(data, source=str(path))
+
+
+def parse_series_rules(data: Any, source: str = "<memory>") -> SeriesRules:
+    """Validate already-parsed YAML (a mapping) into :class:`SeriesRules`."""
+    where = Path(source).name if source != "<memory>" else source
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"series rules {where}: top level must be a mapping with an 'all:' list")
+    unknown = sorted(set(map(str, data)) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"series rules {where}: unknown top-level key {unknown[0]!r} "
+            f"(expected {', '.join(sorted(_TOP_KEYS))})"
+        )
+    version = data.get("version", 1)
+    if version != 1:
+        raise ConfigError(f"series rules {where}: version: unsupported version {version!r} (expected 1)")
+    if "all" not in data:
+        raise ConfigError(f"series rules {where}: missing top-level key 'all'")
+    condition = _parse_group("all", data["all"], "all", where)
+    assert isinstance(condition, AllOf)
+    prefer = _parse_prefer(data.get("prefer", []), where)
+    return SeriesRules(condition=condition, prefer=prefer, source=source)
+
+
+def _fail(where: str, key_path: str, message: str) -> ConfigError:
+    return ConfigError(f"series rules {where}: {key_path}: {message}")
+
+
+def _parse_condition(node: Any, key_path: str, where: str) -> Condition:
+    if not isinstance(node, Mapping) or not node:
+        raise _fail(where, key_path, "a condition must be a non-empty mapping")
+    keys = [str(k) for k in node]
+    kinds = [k for k in keys if k in _KINDS]
+    if len(kinds) != 1:
+        if not kinds:
+            bad = next((k for k in keys if k not in _ATTRIBUTE_KEYS | {"max_angle_degrees"}), None)
+            if bad is None:
+                raise _fail(where, f"{key_path}.attribute", f"missing 'attribute' for test {keys[0]!r}")
+            raise _fail(
+                where, f"{key_path}.{bad}",
+                f"unknown condition key {bad!r} (a condition starts with one of {', '.join(_KINDS)})",
+            )
+        raise _fail(where, key_path, f"one condition per item, got {', '.join(kinds)}")
+    kind = kinds[0]
+    if kind in ("all", "any", "not"):
+        extra = [k for k in keys if k != kind]
+        if extra:
+            raise _fail(where, f"{key_path}.{extra[0]}", f"unknown key {extra[0]!r} next to {kind!r}")
+        return _parse_group(kind, node[kind], f"{key_path}.{kind}", where)
+    if kind == "orientation":
+        return _parse_orientation(node, keys, key_path, where)
+    if kind == "min_instances":
+        extra = [k for k in keys if k != kind]
+        if extra:
+            raise _fail(where, f"{key_path}.{extra[0]}", f"unknown key {extra[0]!r} next to 'min_instances'")
+        n = node[kind]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise _fail(where, f"{key_path}.min_instances", f"must be a positive integer, got {n!r}")
+        return MinInstancesCondition(n)
+    return _parse_attribute(node, keys, key_path, where)
+
+
+def _parse_group(kind: str, body: Any, key_path: str, where: str) -> Condition:
+    if kind == "not":
+        return Not(_parse_condition(body, key_path, where))
+    if not isinstance(body, list) or not body:
+        raise _fail(where, key_path, f"'{kind}:' needs a non-empty list of conditions")
+    items = tuple(_parse_condition(item, f"{key_path}[{i}]", where) for i, item in enumerate(body))
+    return AllOf(items) if kind == "all" else AnyOf(items)
+
+
+def _parse_orientation(node: Mapping[str, Any], keys: list[str], key_path: str, where: str) -> Condition:
+    extra = [k for k in keys if k not in ("orientation", "max_angle_degrees")]
+    if extra:
+        raise _fail(where, f"{key_path}.{extra[0]}", f"unknown key {extra[0]!r} in an orientation condition")
+    plane = node["orientation"]
+    if plane not in _AXES:
+        raise _fail(where, f"{key_path}.orientation", f"must be one of {', '.join(_AXES)}, got {plane!r}")
+    if "max_angle_degrees" not in node:
+        raise _fail(where, f"{key_path}.max_angle_degrees", "required with 'orientation'")
+    angle = node["max_angle_degrees"]
+    if isinstance(angle, bool) or not isinstance(angle, (int, float)) or not 0 <= angle <= 90:
+        raise _fail(where, f"{key_path}.max_angle_degrees", f"must be a number in 0–90, got {angle!r}")
+    return OrientationCondition(plane=str(plane), max_angle_degrees=float(angle))
+
+
+def _parse_attribute(node: Mapping[str, Any], keys: list[str], key_path: str, where: str) -> Condition:
+    unknown = [k for k in keys if k not in _ATTRIBUTE_KEYS]
+    if unknown:
+        raise _fail(
+            where, f"{key_path}.{unknown[0]}",
+            f"unknown condition key {unknown[0]!r} (expected one of {', '.join(sorted(_ATTRIBUTE_KEYS - {'attribute'}))})",
+        )
+    attribute = node["attribute"]
+    if not isinstance(attribute, str) or tag_for_keyword(attribute) is None:
+        raise _fail(where, f"{key_path}.attribute", f"{attribute!r} is not a DICOM keyword")
+    operators = [k for k in keys if k not in ("attribute", "unit", "if_missing")]
+    if not operators:
+        raise _fail(where, key_path, f"condition on {attribute} has no test (in, contains_*, min, max, matches…)")
+
+    def str_list(key: str) -> tuple[str, ...] | None:
+        if key not in node:
+            return None
+        v = node[key]
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+            raise _fail(where, f"{key_path}.{key}", "must be a non-empty list of strings")
+        return tuple(v)
+
+    def number(key: str) -> float | None:
+        if key not in node:
+            return None
+        v = node[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _fail(where, f"{key_path}.{key}", f"must be a number, got {v!r}")
+        return float(v)
+
+    def regex(key: str) -> re.Pattern[str] | None:
+        if key not in node:
+            return None
+        v = node[key]
+        if not isinstance(v, str) or not v:
+            raise _fail(where, f"{key_path}.{key}", "must be a non-empty regular expression string")
+        try:
+            # Case-insensitive: descriptions are typed by people and vendors in any case.
+            return re.compile(v, re.IGNORECASE)
+        except re.error as exc:
+            raise _fail(where, f"{key_path}.{key}", f"invalid regular expression: {exc}") from exc
+
+    in_: tuple[Any, ...] | None = None
+    if "in" in node:
+        v = node["in"]
+        if not isinstance(v, list) or not v or not all(
+            isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v
+        ):
+            raise _fail(where, f"{key_path}.in", "must be a non-empty list of strings or numbers")
+        in_ = tuple(v)
+    lo, hi = number("min"), number("max")
+    if lo is not None and hi is not None and lo > hi:
+        raise _fail(where, f"{key_path}.min", f"min {lo} is greater than max {hi}")
+    unit = node.get("unit", "")
+    if not isinstance(unit, str):
+        raise _fail(where, f"{key_path}.unit", "must be a string")
+    if_missing = node.get("if_missing")
+    if if_missing not in (None, "pass", "fail"):
+        raise _fail(where, f"{key_path}.if_missing", f"must be 'pass' or 'fail', got {if_missing!r}")
+    return AttributeCondition(
+        attribute=attribute,
+        in_=in_,
+        contains_all=str_list("contains_all"),
+        contains_none=str_list("contains_none"),
+        contains_any=str_list("contains_any"),
+        min=lo,
+        max=hi,
+        matches=regex("matches"),
+        not_matches=regex("not_matches"),
+        unit=unit,
+        if_missing=if_missing,
+    )
+
+
+def _parse_prefer(body: Any, where: str) -> tuple[PreferKey, ...]:
+    if not isinstance(body, list):
+        raise _fail(where, "prefer", "must be a list like [{most: instances}, {least: SliceThickness}]")
+    out: list[PreferKey] = []
+    for i, item in enumerate(body):
+        kp = f"prefer[{i}]"
+        if not isinstance(item, Mapping) or len(item) != 1:
+            raise _fail(where, kp, "each entry is one mapping: {most: <key>} or {least: <key>}")
+        ((direction, key),) = item.items()
+        if direction not in ("most", "least"):
+            raise _fail(where, f"{kp}.{direction}", f"unknown preference {direction!r} (expected most, least)")
+        if not isinstance(key, str) or (key != "instances" and tag_for_keyword(key) is None):
+            raise _fail(where, f"{kp}.{direction}", f"{key!r} is neither 'instances' nor a DICOM keyword")
+        out.append(PreferKey(direction=direction, key=key))
+    return tuple(out)

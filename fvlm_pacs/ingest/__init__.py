@@ -1,0 +1,2 @@
+"""Getting instances in: DIMSE C-STORE (``scp``), STOW-RS (``dicomweb``), both through ``intake``
+into the durable ``spool``."""

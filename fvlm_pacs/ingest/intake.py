@@ -1,0 +1,288 @@
+"""The one path every received instance takes, whatever protocol brought it.
+
+parse the header → validate UIDs → write durably to the spool → record in the database. Only
+when all of that succeeded may the caller acknowledge (C-STORE 0x0000, STOW-RS referenced SOP).
+DIMSE and STOW-RS share this, so an instance that arrives by STOW joins the same study as one
+that came by C-STORE.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from sqlalchemy import case, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from fvlm_pacs.db import Instance, Series, Study, insert_ignore, utcnow
+from fvlm_pacs.domain import InstanceRef
+from fvlm_pacs.errors import InvalidInstance, StorageFailure
+from fvlm_pacs.ingest.spool import Spool, StoredFile, validate_uid
+from fvlm_pacs.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What happened to one instance: ``new`` first time seen, ``changed`` bytes differ."""
+
+    ref: InstanceRef
+    new: bool
+    changed: bool
+
+
+@dataclass(frozen=True)
+class _Header:
+    ref: InstanceRef
+    transfer_syntax_uid: str | None
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+
+
+def parse_header(data: bytes) -> _Header:
+    """Parse a DICOM Part 10 byte string far enough to file it, and check it is complete.
+
+    pydicom reads a truncated file without complaint (the last value is just short), so each
+    top-level element's length is compared with the bytes actually present.
+    """
+    try:
+        ds = pydicom.dcmread(BytesIO(data))
+    except Exception as exc:  # pydicom raises many types for garbage input
+        raise InvalidInstance(f"not a readable DICOM object: {type(exc).__name__}") from None
+    _check_complete(ds)
+    try:
+        ref = InstanceRef(
+            study_instance_uid=validate_uid(ds.get("StudyInstanceUID"), "Study Instance UID"),
+            series_instance_uid=validate_uid(ds.get("SeriesInstanceUID"), "Series Instance UID"),
+            sop_instance_uid=validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID"),
+            sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOP Class UID"),
+        )
+        meta = getattr(ds, "file_meta", None)
+        tsuid = str(meta.TransferSyntaxUID) if meta and "TransferSyntaxUID" in meta else None
+        number = ds.get("SeriesNumber")
+        description = ds.get("SeriesDescription")
+        modality = ds.get("Modality")
+    except InvalidInstance:
+        raise
+    except Exception as exc:
+        raise InvalidInstance(f"unreadable identifying attributes: {type(exc).__name__}") from None
+    return _Header(
+        ref=ref,
+        transfer_syntax_uid=tsuid,
+        modality=str(modality)[:16] if modality else None,
+        series_number=int(number) if number not in (None, "") else None,
+        series_description=str(description)[:64] if description else None,
+    )
+
+
+def _check_complete(ds: Dataset) -> None:
+    for tag, elem in ds._dict.items():
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.length != _UNDEFINED_LENGTH
+            and elem.value is not None
+            and len(elem.value) != elem.length
+        ):
+            raise InvalidInstance(
+                f"truncated object: element {tag} has {len(elem.value)} of {elem.length} bytes"
+            )
+
+
+class Intake:
+    """Receives encoded instances into the spool and the database."""
+
+    def __init__(
+        self, spool: Spool, sessions: sessionmaker[Session], metrics: Metrics | None = None
+    ) -> None:
+        self.spool = spool
+        self.sessions = sessions
+        self.metrics = metrics
+
+    def receive(
+        self,
+        data: bytes,
+        *,
+        source: str,
+        calling_ae_title: str | None = None,
+        peer_host: str | None = None,
+        expected_sop_instance_uid: str | None = None,
+        expected_study_instance_uid: str | None = None,
+    ) -> Receipt:
+        """Store one instance durably. Raises InvalidInstance (the sender's fault) or
+        StorageFailure (ours; the sender may retry)."""
+        try:
+            header = parse_header(data)
+            ref = header.ref
+            if expected_sop_instance_uid and expected_sop_instance_uid != ref.sop_instance_uid:
+                raise InvalidInstance(
+                    "SOP Instance UID in the data set differs from the C-STORE request",
+                    status=0xC003,
+                )
+            if expected_study_instance_uid and expected_study_instance_uid != ref.study_instance_uid:
+                raise InvalidInstance("instance belongs to another study than the request names")
+            try:
+                stored = self.spool.store(ref, data)
+            except OSError as exc:
+                raise StorageFailure(f"spool write failed: {exc.strerror or exc}") from exc
+            new = self._record(header, stored, source, calling_ae_title, peer_host)
+        except InvalidInstance as exc:
+            if self.metrics:
+                self.metrics.instances_rejected.labels(source, "invalid").inc()
+            log.info("refused an instance from %s: %s", source, exc)
+            raise
+        except StorageFailure as exc:
+            if self.metrics:
+                self.metrics.instances_rejected.labels(source, "storage").inc()
+            log.error("could not store an instance from %s: %s", source, exc)
+            raise
+        if self.metrics:
+            self.metrics.instances_received.labels(source).inc()
+            self.metrics.bytes_received.labels(source).inc(len(data))
+        return Receipt(ref=ref, new=new, changed=stored.changed)
+
+    def _record(
+        self,
+        header: _Header,
+        stored: StoredFile,
+        source: str,
+        calling_ae_title: str | None,
+        peer_host: str | None,
+    ) -> bool:
+        ref = header.ref
+        now = utcnow()
+        try:
+            with self.sessions.begin() as session:
+                insert_ignore(
+                    session,
+                    Study,
+                    {
+                        "study_instance_uid": ref.study_instance_uid,
+                        "first_received_at": now,
+                        "last_received_at": now,
+                        "instance_count": 0,
+                        "revision": 1,
+                        "completed_revision": 0,
+                    },
+                    ["study_instance_uid"],
+                )
+                insert_ignore(
+                    session,
+                    Series,
+                    {
+                        "series_instance_uid": ref.series_instance_uid,
+                        "study_instance_uid": ref.study_instance_uid,
+                        "modality": header.modality,
+                        "series_number": header.series_number,
+                        "series_description": header.series_description,
+                        "instance_count": 0,
+                    },
+                    ["series_instance_uid"],
+                )
+                row = {
+                    "sop_class_uid": ref.sop_class_uid,
+                    "transfer_syntax_uid": header.transfer_syntax_uid,
+                    "path": stored.relative_path,
+                    "size_bytes": stored.size_bytes,
+                    "source": source,
+                    "calling_ae_title": calling_ae_title,
+                    "peer_host": peer_host,
+                    "received_at": now,
+                }
+                inserted = insert_ignore(
+                    session,
+                    Instance,
+                    {
+                        "sop_instance_uid": ref.sop_instance_uid,
+                        "series_instance_uid": ref.series_instance_uid,
+                        "study_instance_uid": ref.study_instance_uid,
+                        **row,
+                    },
+                    ["sop_instance_uid"],
+                )
+                if inserted:
+                    session.execute(
+                        update(Series)
+                        .where(Series.series_instance_uid == ref.series_instance_uid)
+                        .values(instance_count=Series.instance_count + 1)
+                    )
+                    self._touch_study(session, ref.study_instance_uid, now, added=1)
+                    return True
+                owner = session.execute(
+                    select(Instance.study_instance_uid, Instance.series_instance_uid).where(
+                        Instance.sop_instance_uid == ref.sop_instance_uid
+                    )
+                ).one()
+                if (owner.study_instance_uid, owner.series_instance_uid) != (
+                    ref.study_instance_uid,
+                    ref.series_instance_uid,
+                ):
+                    self.spool.remove(stored.relative_path)
+                    raise InvalidInstance(
+                        "SOP Instance UID already stored in another study or series",
+                        status=0xC004,
+                    )
+                if stored.changed:
+                    # Same instance, new content: keep the newest and re-open the study.
+                    session.execute(
+                        update(Instance)
+                        .where(Instance.sop_instance_uid == ref.sop_instance_uid)
+                        .values(**row)
+                    )
+                    self._touch_study(session, ref.study_instance_uid, now, added=0)
+                return False
+        except SQLAlchemyError as exc:
+            raise StorageFailure(f"database write failed: {type(exc).__name__}") from exc
+
+    @staticmethod
+    def _touch_study(session: Session, study_uid: str, now: Any, added: int) -> None:
+        """Record activity; a study whose current burst already has a job moves to the next
+        revision, so the completion sweep creates a superseding job for it."""
+        session.execute(
+            update(Study)
+            .where(Study.study_instance_uid == study_uid)
+            .values(
+                last_received_at=now,
+                instance_count=Study.instance_count + added,
+                revision=case(
+                    (Study.completed_revision >= Study.revision, Study.revision + 1),
+                    else_=Study.revision,
+                ),
+            )
+        )
+
+    def recover(self) -> int:
+        """Index spool files that have no database row (a crash between rename and commit).
+
+        Such an instance was never acknowledged, but it is complete on disk, so keeping it is
+        harmless and the sender's retry becomes a no-op. Returns how many were indexed.
+        """
+        with self.sessions() as session:
+            known = set(session.scalars(select(Instance.path)))
+        indexed = 0
+        for path in self.spool.recover():
+            rel = path.relative_to(self.spool.absolute("")).as_posix()
+            if rel in known:
+                continue
+            try:
+                data = path.read_bytes()
+                header = parse_header(data)
+                stored = self.spool.store(header.ref, data)
+            except InvalidInstance as exc:
+                log.warning("spool file %s is unusable (%s); moved aside", path.name, exc)
+                path.rename(path.with_suffix(".invalid"))
+                continue
+            self._record(header, stored, "spool-recovery", None, None)
+            indexed += 1
+        if indexed:
+            log.warning("indexed %d spool files that had no database row", indexed)
+        return indexed

@@ -1,0 +1,1 @@
+"""The durable job queue (leases, retries with backoff, dead-letter) and the worker loop."""

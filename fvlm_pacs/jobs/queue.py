@@ -1,0 +1,252 @@
+"""A durable job queue in the database: claim under a lease, retry with backoff, dead-letter.
+
+States: ``queued → running → succeeded | failed | dead`` (+ ``superseded`` for a queued job whose
+study got a newer burst). ``failed`` is a permanent error (retrying cannot help, e.g. no usable
+series); ``dead`` means the attempts ran out on transient errors. Both can be re-driven with
+:meth:`JobQueue.retry`.
+
+Claiming works on both backends: on PostgreSQL many workers (on many hosts) use
+``FOR UPDATE SKIP LOCKED``; on SQLite the ``BEGIN IMMEDIATE`` write lock serialises claimers.
+A running job holds a lease its worker renews; a crashed worker's lease runs out and the job is
+claimed again. Every completion is fenced by (job id, lease owner), so a worker that lost its
+lease cannot overwrite the work of the one that took over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from fvlm_pacs.db import Job, Result, audit, utcnow
+from fvlm_pacs.errors import FvlmPacsError
+
+log = logging.getLogger(__name__)
+
+STATES = ("queued", "running", "succeeded", "failed", "dead", "superseded")
+_RETRIABLE_BY_USER = ("failed", "dead", "superseded")
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run one attempt."""
+
+    id: int
+    study_instance_uid: str
+    study_revision: int
+    pipeline_version: str
+    attempt: int
+    owner: str
+
+
+class JobQueue:
+    """Job state transitions; every method is one short transaction."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        lease_seconds: float,
+        backoff_seconds: float,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.sessions = sessions
+        self.lease = timedelta(seconds=lease_seconds)
+        self.backoff = backoff_seconds
+        self.clock = clock
+
+    def claim(self, owner: str) -> ClaimedJob | None:
+        """Take the next due job (queued and due, or running with an expired lease)."""
+        for _ in range(100):  # bounded: each pass either claims or dead-letters one job
+            now = self.clock()
+            with self.sessions.begin() as session:
+                query = (
+                    select(Job)
+                    .where(
+                        or_(
+                            and_(Job.state == "queued", Job.next_attempt_at <= now),
+                            and_(Job.state == "running", Job.lease_expires_at < now),
+                        )
+                    )
+                    .order_by(Job.next_attempt_at, Job.id)
+                    .limit(1)
+                )
+                if session.get_bind().dialect.name == "postgresql":
+                    query = query.with_for_update(skip_locked=True)
+                job = session.scalars(query).first()
+                if job is None:
+                    return None
+                if job.state == "running":
+                    log.warning("job %d: lease of %s expired; reclaiming", job.id, job.lease_owner)
+                    job.last_error = f"lease of worker {job.lease_owner} expired"
+                    if job.attempts >= job.max_attempts:
+                        self._finish(session, job, "dead", now)
+                        continue
+                job.state = "running"
+                job.attempts += 1
+                job.lease_owner = owner
+                job.lease_expires_at = now + self.lease
+                job.started_at = now
+                job.finished_at = None
+                return ClaimedJob(
+                    id=job.id,
+                    study_instance_uid=job.study_instance_uid,
+                    study_revision=job.study_revision,
+                    pipeline_version=job.pipeline_version,
+                    attempt=job.attempts,
+                    owner=owner,
+                )
+        return None
+
+    def renew(self, job: ClaimedJob) -> bool:
+        """Extend the lease; False if it was lost (the job belongs to someone else now)."""
+        with self.sessions.begin() as session:
+            res = session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.state == "running", Job.lease_owner == job.owner)
+                .values(lease_expires_at=self.clock() + self.lease)
+            )
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
+    def succeed(self, job: ClaimedJob, payload: dict[str, Any]) -> int | None:
+        """Mark done and store the result; returns the result id, or None if fenced out."""
+        now = self.clock()
+        with self.sessions.begin() as session:
+            row = self._owned(session, job)
+            if row is None:
+                return None
+            previous = session.scalars(
+                select(Result.id)
+                .where(Result.study_instance_uid == job.study_instance_uid)
+                .order_by(Result.id.desc())
+                .limit(1)
+            ).first()
+            result = Result(
+                job_id=job.id,
+                study_instance_uid=job.study_instance_uid,
+                pipeline_version=job.pipeline_version,
+                payload=payload,
+                supersedes_result_id=previous,
+                created_at=now,
+            )
+            session.add(result)
+            row.detail = payload
+            row.last_error = None
+            self._finish(session, row, "succeeded", now)
+            session.flush()
+            audit(
+                session,
+                "job_succeeded",
+                actor=job.owner,
+                study_instance_uid=job.study_instance_uid,
+                job_id=job.id,
+                detail={"result_id": result.id, "supersedes_result_id": previous},
+            )
+            return int(result.id)
+
+    def fail(self, job: ClaimedJob, error: BaseException) -> str | None:
+        """Record a failed attempt; returns the new state (queued/failed/dead) or None if fenced."""
+        now = self.clock()
+        # Our own errors say whether a retry can help; anything unexpected is given the benefit.
+        retryable = error.retryable if isinstance(error, FvlmPacsError) else True
+        message = f"{type(error).__name__}: {error}"[:4000]
+        with self.sessions.begin() as session:
+            row = self._owned(session, job)
+            if row is None:
+                return None
+            row.last_error = message
+            detail = getattr(error, "detail", None)
+            if detail:
+                row.detail = detail
+            if not retryable:
+                state = "failed"
+                self._finish(session, row, state, now)
+            elif row.attempts >= row.max_attempts:
+                state = "dead"
+                self._finish(session, row, state, now)
+            else:
+                state = "queued"
+                row.state = state
+                row.lease_owner = None
+                row.lease_expires_at = None
+                row.next_attempt_at = now + timedelta(
+                    seconds=self.backoff * 2 ** (row.attempts - 1)
+                )
+            audit(
+                session,
+                f"job_{state}" if state != "queued" else "job_retry_scheduled",
+                actor=job.owner,
+                study_instance_uid=job.study_instance_uid,
+                job_id=job.id,
+                detail={"error": message, "attempt": row.attempts},
+            )
+        log.warning("job %d attempt %d failed (%s): %s", job.id, job.attempt, state, message)
+        return state
+
+    def release(self, job: ClaimedJob) -> bool:
+        """Give a running job back without counting the attempt (clean shutdown)."""
+        with self.sessions.begin() as session:
+            row = self._owned(session, job)
+            if row is None:
+                return False
+            row.state = "queued"
+            row.attempts = max(0, row.attempts - 1)
+            row.lease_owner = None
+            row.lease_expires_at = None
+            row.next_attempt_at = self.clock()
+            audit(session, "job_released", actor=job.owner, job_id=job.id)
+            return True
+
+    def retry(self, job_id: int, actor: str) -> Job:
+        """Re-drive a failed, dead or superseded job now, with a fresh attempt budget."""
+        with self.sessions.begin() as session:
+            row = session.get(Job, job_id)
+            if row is None:
+                raise KeyError(job_id)
+            if row.state not in _RETRIABLE_BY_USER:
+                raise ValueError(f"job {job_id} is {row.state}; only {_RETRIABLE_BY_USER} retry")
+            row.state = "queued"
+            row.attempts = 0
+            row.next_attempt_at = self.clock()
+            row.lease_owner = None
+            row.lease_expires_at = None
+            row.finished_at = None
+            audit(
+                session,
+                "job_retried",
+                actor=actor,
+                study_instance_uid=row.study_instance_uid,
+                job_id=job_id,
+            )
+            return row
+
+    def depth(self) -> dict[str, int]:
+        """Number of jobs in each state."""
+        with self.sessions() as session:
+            rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        counts = dict.fromkeys(STATES, 0)
+        counts.update({state: int(n) for state, n in rows})
+        return counts
+
+    @staticmethod
+    def _owned(session: Session, job: ClaimedJob) -> Job | None:
+        query = select(Job).where(Job.id == job.id)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = session.scalars(query).first()
+        if row is None or row.state != "running" or row.lease_owner != job.owner:
+            log.warning("job %d: lease lost by %s; its outcome is discarded", job.id, job.owner)
+            return None
+        return row
+
+    @staticmethod
+    def _finish(session: Session, job: Job, state: str, now: datetime) -> None:
+        job.state = state
+        job.finished_at = now
+        job.lease_owner = None
+        job.lease_expires_at = None

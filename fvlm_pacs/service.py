@@ -1,0 +1,172 @@
+"""Assembles one process from the parts: SCP, HTTP API, completion sweep, worker pool.
+
+``serve`` runs all four; ``worker`` runs only the pool (more workers on PostgreSQL). The order of
+start and stop matters: the database is migrated and the spool reconciled before the SCP accepts
+anything; on shutdown the SCP stops accepting first and the workers finish or release last.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from types import FrameType
+
+import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from fvlm_pacs.api import AppContext, create_app
+from fvlm_pacs.codes import load_series_rules
+from fvlm_pacs.config import Settings
+from fvlm_pacs.db import make_engine, session_factory, upgrade
+from fvlm_pacs.ingest.intake import Intake
+from fvlm_pacs.ingest.scp import StorageSCP
+from fvlm_pacs.ingest.spool import FolderSpool
+from fvlm_pacs.jobs.queue import ClaimedJob, JobQueue
+from fvlm_pacs.jobs.worker import WorkerPool
+from fvlm_pacs.metrics import Metrics
+from fvlm_pacs.pipeline import PIPELINE_VERSION, PipelineContext, run_study
+from fvlm_pacs.studies.completion import CompletionSweep
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The long-lived objects of one process, built once from the settings."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    spool: FolderSpool
+    metrics: Metrics
+    intake: Intake
+    queue: JobQueue
+    sweep: CompletionSweep
+    pipeline: PipelineContext
+
+
+def build(settings: Settings, *, migrate: bool = True) -> Parts:
+    engine = make_engine(settings.resolved_database_url)
+    if migrate:
+        upgrade(engine)
+    sessions = session_factory(engine)
+    spool = FolderSpool(settings.spool_dir)
+    metrics = Metrics()
+    return Parts(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        spool=spool,
+        metrics=metrics,
+        intake=Intake(spool, sessions, metrics),
+        queue=JobQueue(
+            sessions,
+            lease_seconds=settings.job_lease_seconds,
+            backoff_seconds=settings.job_backoff_seconds,
+        ),
+        sweep=CompletionSweep(
+            sessions,
+            stable_seconds=settings.stable_seconds,
+            pipeline_version=PIPELINE_VERSION,
+            max_attempts=settings.job_max_attempts,
+            metrics=metrics,
+        ),
+        pipeline=PipelineContext(
+            sessions=sessions, spool=spool, series_rules=load_series_rules()
+        ),
+    )
+
+
+def make_worker_pool(parts: Parts) -> WorkerPool:
+    def run(job: ClaimedJob) -> dict[str, object]:
+        return run_study(parts.pipeline, job)
+
+    return WorkerPool(
+        parts.queue,
+        run,
+        threads=parts.settings.workers,
+        lease_seconds=parts.settings.job_lease_seconds,
+        poll_seconds=min(1.0, parts.settings.resolved_sweep_interval),
+        metrics=parts.metrics,
+    )
+
+
+def _sweep_safely(sweep: CompletionSweep) -> None:
+    try:
+        sweep.sweep()
+    except Exception:
+        log.exception("completion sweep failed; it runs again at the next interval")
+
+
+def serve(settings: Settings) -> None:
+    """Run SCP + HTTP + sweep + workers until SIGINT/SIGTERM."""
+    parts = build(settings)
+    recovered = parts.intake.recover()
+    if recovered:
+        log.warning("start-up: %d spool files indexed", recovered)
+    scp = StorageSCP(settings, parts.intake, parts.sessions, parts.metrics)
+    workers = make_worker_pool(parts)
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.add_job(
+        _sweep_safely,
+        "interval",
+        args=[parts.sweep],
+        seconds=settings.resolved_sweep_interval,
+        max_instances=1,
+        coalesce=True,
+        id="completion-sweep",
+    )
+    app = create_app(
+        AppContext(
+            settings=settings,
+            sessions=parts.sessions,
+            intake=parts.intake,
+            queue=parts.queue,
+            metrics=parts.metrics,
+        )
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.http_host, settings.http_port))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+    )
+    scp.start()
+    scheduler.start()
+    workers.start()
+    log.info(
+        "HTTP API on http://%s:%d (SIGTERM or Ctrl-C to stop)", *sock.getsockname()[:2]
+    )
+    try:
+        server.run(sockets=[sock])  # returns on SIGINT/SIGTERM (uvicorn's handlers)
+    finally:
+        log.info("shutting down")
+        scp.stop(grace_seconds=min(10.0, settings.shutdown_grace_seconds))
+        scheduler.shutdown(wait=True)
+        workers.stop(settings.shutdown_grace_seconds)
+        parts.engine.dispose()
+        log.info("stopped")
+
+
+def work(settings: Settings) -> None:
+    """Run only a worker pool (and no SCP/HTTP) until SIGINT/SIGTERM."""
+    parts = build(settings)
+    workers = make_worker_pool(parts)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: finishing running jobs", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    workers.start()
+    while not stop.wait(1.0):
+        pass
+    workers.stop(settings.shutdown_grace_seconds)
+    parts.engine.dispose()

@@ -1,0 +1,52 @@
+"""Packaging for fvlm_pacs. ``pip install -e .[test]`` is all a developer needs."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fvlm_pacs",
+    version="0.1.0",
+    description="Put the fVLM CT vision-language model into a hospital PACS (DICOM/DICOMweb).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["fvlm_pacs", "fvlm_pacs.*"]),
+    package_data={
+        "fvlm_pacs": ["py.typed", "migrations/script.py.mako", "migrations/versions/*.py"],
+    },
+    data_files=[("share/fvlm_pacs/mappings", sorted(glob("mappings/*")))],
+    install_requires=[
+        "pydicom>=3.0,<4",
+        "pynetdicom>=3.0,<4",
+        "highdicom>=0.28,<0.30",
+        "numpy>=1.26",
+        # decoders for the compressed transfer syntaxes the SCP accepts
+        "pylibjpeg>=2.0",
+        "pylibjpeg-libjpeg>=2.1",
+        "pylibjpeg-openjpeg>=2.3",
+        "python-gdcm>=3.0.24",
+        "sqlalchemy>=2.0,<3",
+        "alembic>=1.13",
+        "psycopg[binary]>=3.1",
+        "apscheduler>=3.10,<4",
+        "pydantic>=2.6",
+        "pydantic-settings>=2.4",
+        "pyyaml>=6",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "python-multipart>=0.0.9",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "httpx>=0.27", "requests>=2.31"],
+        "dev": ["mypy>=1.10", "ruff>=0.5", "types-PyYAML", "types-requests"],
+        "totalseg": ["TotalSegmentator>=2.4"],
+    },
+    entry_points={"console_scripts": ["fvlm-pacs=fvlm_pacs.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+    ],
+)
