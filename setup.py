@@ -27,7 +27,7 @@ setup(
         "pylibjpeg-libjpeg>=2.1",
         "pylibjpeg-openjpeg>=2.3",
         "python-gdcm>=3.0.24",
-        "sqlalchemy>=2.0,<3",
+        "sqlalchemy>=2.0.28,<3",  # preserve_rowcount
         "alembic>=1.13",
         "psycopg[binary]>=3.1",
         "apscheduler>=3.10,<4",

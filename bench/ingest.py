@@ -8,13 +8,14 @@ directory; the peers are measured one after the other so they never compete for 
 
 The figures are wall-clock instances per second of the ``storescu`` runs. After each run the
 receiver's own count is checked (files on disk, Orthanc ``/statistics``, fvlm's database), so a
-receiver that dropped instances cannot look fast. Peak RSS is the receiver's ``VmHWM`` from
-``/proc``. Nothing here asserts: it prints a table.
+receiver that dropped instances cannot look fast. CPU is the receiver process's user + system
+time while receiving; peak RSS its ``VmHWM`` (reset after start-up) from ``/proc``. Nothing
+here asserts: it prints a table. See bench/README.md for how to read it.
 
 Usage::
 
     python bench/ingest.py [--slices 300] [--studies 4] [--study-slices 100] [--rounds 1]
-                           [--peers storescp,orthanc,fvlm] [--inprocess] [--keep]
+                           [--peers storescp,orthanc,fvlm] [--inprocess] [--data DIR] [--keep]
 
 ``--inprocess`` runs fvlm_pacs's StorageSCP inside this process instead of ``fvlm-pacs serve``
 (no HTTP API, no RSS figure); the default is the real server as a subprocess.
@@ -27,6 +28,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -35,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -48,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fvlm_pacs.synthetic import SeriesSpec, ct_series, write_series  # noqa: E402
+from fvlm_pacs.synthetic import SeriesSpec, ct_series, write_series
 
 HOST = "127.0.0.1"
 CALLING_AE = "BENCHSCU"
@@ -78,7 +80,7 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, step: float
 
 
 def http_get(url: str, timeout: float = 5.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback only
         body = resp.read()
     return json.loads(body) if body else None
 
@@ -97,6 +99,7 @@ def echo_ok(port: int, ae_title: str) -> bool:
         ["echoscu", "-aet", CALLING_AE, "-aec", ae_title, "-to", "2", HOST, str(port)],
         capture_output=True,
         timeout=10,
+        check=False,
     )
     return result.returncode == 0
 
@@ -302,7 +305,8 @@ class FvlmServePeer(Peer):
 
 
 class FvlmInProcessPeer(Peer):
-    """fvlm_pacs's StorageSCP in this process (until/unless the CLI is usable)."""
+    """fvlm_pacs's StorageSCP in this process: to profile it (py-spy, cProfile, yappi) or to
+    measure a checkout without the CLI."""
 
     name = "fvlm-pacs (in-process)"
     durability = "fsync file+dir; SQLite FULL"
@@ -335,8 +339,10 @@ class FvlmInProcessPeer(Peer):
         return _db_count(self.data_dir / "fvlm.db")
 
     def stop(self) -> None:
-        self.scp.stop()
-        self.engine.dispose()
+        if hasattr(self, "scp"):
+            self.scp.stop()
+        if hasattr(self, "engine"):
+            self.engine.dispose()
 
 
 # -- sending ---------------------------------------------------------------------------------
@@ -377,30 +383,28 @@ def send(peer: Peer, folders: Sequence[Path], logdir: Path, tag: str) -> float:
     return elapsed
 
 
-class RssSampler:
-    """Polls VmRSS of a process while it receives; ``peak_kib`` also takes VmHWM into account."""
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (``5`` > /proc/PID/clear_refs, Linux ≥ 4.0)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
-    def __init__(self, pid: int | None, interval: float = 0.05) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while self.pid is not None and not self._stop.is_set():
-            rss = proc_status_kib(self.pid, "VmRSS")
-            if rss is not None:
-                self.samples.append(rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (all its threads); ours when ``pid`` is None."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    # fields[0] is the state (field 3 of proc(5)); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -409,7 +413,9 @@ class Measurement:
     durability: str
     single_s: list[float] = field(default_factory=list)
     concurrent_s: list[float] = field(default_factory=list)
-    baseline_rss_kib: int | None = None
+    single_cpu_s: list[float] = field(default_factory=list)
+    concurrent_cpu_s: list[float] = field(default_factory=list)
+    idle_rss_kib: int | None = None
     peak_rss_kib: int | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -423,6 +429,7 @@ def measure(
     n_studies: int,
     result: Measurement,
 ) -> None:
+    """Start a fresh receiver, send the series, then the studies at once; stop it."""
     workdir.mkdir(parents=True)
     peer = peer_factory(workdir)
     try:
@@ -431,22 +438,24 @@ def measure(
         result.durability = peer.durability
         pid = peer.pid
         if pid is not None:
-            result.baseline_rss_kib = proc_status_kib(pid, "VmRSS")
-        with RssSampler(pid):
-            t = send(peer, [single], workdir, "single")
-            got = peer.count()
-            if got != n_single:
-                result.problems.append(f"single series: received {got} of {n_single}")
-            result.single_s.append(t)
-            t = send(peer, studies, workdir, "concurrent")
-            got = peer.count() - n_single
-            if got != n_studies:
-                result.problems.append(f"concurrent: received {got} of {n_studies}")
-            result.concurrent_s.append(t)
-            if pid is not None:
-                hwm = proc_status_kib(pid, "VmHWM")
-                if hwm is not None:
-                    result.peak_rss_kib = max(result.peak_rss_kib or 0, hwm)
+            result.idle_rss_kib = proc_status_kib(pid, "VmRSS")
+            if not reset_peak_rss(pid):
+                result.problems.append("could not reset VmHWM: peak includes start-up")
+        for label, folders, expected, times, cpu in (
+            ("single series", [single], n_single, result.single_s, result.single_cpu_s),
+            ("concurrent", studies, n_studies, result.concurrent_s, result.concurrent_cpu_s),
+        ):
+            before = peer.count()
+            cpu0 = cpu_seconds(pid)
+            times.append(send(peer, folders, workdir, label.split()[0]))
+            cpu.append(cpu_seconds(pid) - cpu0)
+            got = peer.count() - before
+            if got != expected:
+                result.problems.append(f"{label}: received {got} of {expected}")
+        if pid is not None:
+            hwm = proc_status_kib(pid, "VmHWM")
+            if hwm is not None:
+                result.peak_rss_kib = max(result.peak_rss_kib or 0, hwm)
     finally:
         peer.stop()
 
@@ -490,6 +499,10 @@ def fmt(value: float | None, spec: str = ".0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def per_instance_ms(n: int, cpu: Sequence[float]) -> float | None:
+    return 1000 * statistics.median(cpu) / n if cpu else None
+
+
 def report(
     results: Sequence[Measurement], n_single: int, n_studies: int, studies: int, mb: float
 ) -> None:
@@ -501,29 +514,34 @@ def report(
                 r.durability,
                 fmt(statistics.median(r.single_s) if r.single_s else None, ".2f"),
                 fmt(rate(n_single, r.single_s)),
+                fmt(per_instance_ms(n_single, r.single_cpu_s), ".2f"),
                 fmt(statistics.median(r.concurrent_s) if r.concurrent_s else None, ".2f"),
                 fmt(rate(n_studies, r.concurrent_s)),
-                fmt(r.baseline_rss_kib / 1024 if r.baseline_rss_kib else None),
+                fmt(per_instance_ms(n_studies, r.concurrent_cpu_s), ".2f"),
+                fmt(r.idle_rss_kib / 1024 if r.idle_rss_kib else None),
                 fmt(r.peak_rss_kib / 1024 if r.peak_rss_kib else None),
             ]
         )
+    per_study = n_studies // max(studies, 1)
     head = [
         "receiver",
-        "durable before ack",
+        "durable before 0x0000",
         f"1×{n_single} s",
         "inst/s",
-        f"{studies}×{n_studies // max(studies, 1)} s",
+        "CPU ms/inst",
+        f"{studies}×{per_study} s",
         "inst/s",
-        "RSS MiB",
-        "peak MiB",
+        "CPU ms/inst",
+        "idle RSS MiB",
+        "peak RSS MiB",
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = "  ".join(
-        (f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}") for i, w in enumerate(widths)
-    )
+    line = "  ".join((f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}") for i, w in enumerate(widths))
     print()
-    print(f"instances: 512×512 CT, {mb:.2f} MB each, Explicit VR Little Endian; wall time of "
-          "storescu (TCP_NODELAY=1), median over rounds")  # fmt: skip
+    print(
+        f"{n_single} + {studies}×{per_study} instances, 512×512 CT, {mb:.2f} MB each, Explicit VR "
+        f"Little Endian; {os.cpu_count()} CPUs; wall time of storescu; median of rounds"
+    )
     print(line.format(*head))
     print(line.format(*["-" * w for w in widths]))
     for row in rows:
@@ -549,11 +567,17 @@ def report(
                 parts.append(f"{label} {a / b:.2f}×" if a and b else f"{label} -")
             print(f"fvlm / {other.peer}: " + ", ".join(parts))
     print(
-        "notes: storescp writes without fsync (page cache only), so it is an upper bound, not a "
-        "durable peer. Orthanc fsyncs stored files (SyncStorageArea) and keeps its index in "
-        "SQLite; it negotiates 16 KiB PDUs (MaximumPduLength default). fvlm fsyncs each file "
-        "and its folder and commits its SQLite row (synchronous=FULL) before answering 0x0000. "
-        "peak = VmHWM of the receiver process (includes start-up)."
+        textwrap.fill(
+            "notes: dcmtk storescp writes without fsync (page cache only): a ceiling, not a "
+            "durable peer. Orthanc fsyncs each stored file (SyncStorageArea) and indexes it in "
+            "SQLite; it negotiates 16 KiB PDUs (MaximumPduLength default). fvlm fsyncs each "
+            "file, renames it, fsyncs its folder and commits the row (SQLite synchronous=FULL) "
+            "before answering 0x0000. storescu and the dcmtk receivers run with TCP_NODELAY=1 "
+            "(without it dcmtk waits for delayed ACKs, ~40 ms per instance). CPU = user+system "
+            "time of the receiver process while receiving (storescu not included); peak RSS = "
+            "VmHWM reset after start-up, so it covers receiving only.",
+            width=100,
+        )
     )
 
 
@@ -624,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                 except Exception as exc:  # report and go on with the other receivers
                     results[name].problems.append(f"{type(exc).__name__}: {exc}")
+                if not args.keep:  # free the page cache for the next receiver, fair to all
+                    shutil.rmtree(root / f"{name}-{rnd}", ignore_errors=True)
         report(list(results.values()), n_single, n_studies, args.studies, mb)
     return 0
 

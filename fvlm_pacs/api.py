@@ -264,7 +264,6 @@ def create_app(ctx: AppContext) -> FastAPI:
                 request.headers.get("content-type"),
                 max_bytes=ctx.settings.stow_max_bytes,
                 study_uid=study_uid,
-                actor=actor,
                 peer_host=peer,
             )
         except StowRequestError as exc:
@@ -282,7 +281,12 @@ def create_app(ctx: AppContext) -> FastAPI:
         base = str(request.base_url).rstrip("/") + "/dicomweb"
         headers = {}
         if outcome.failed:
-            reasons = "; ".join(sorted({c for *_, c in outcome.failed}))[:500]
+            reasons = "; ".join(sorted({c for *_, c in outcome.failed}))
+            # Reasons can echo client input (a part's Content-Type): keep the quoted-string
+            # printable ASCII without quotes or backslashes.
+            reasons = "".join(
+                ch if " " <= ch <= "~" and ch not in '"\\' else "?" for ch in reasons
+            )[:500]
             headers["Warning"] = f'299 fvlm-pacs "{reasons}"'
         return JSONResponse(
             outcome.response(base, study_uid),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,10 +14,11 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import requests
 import yaml
 from pydicom.dataset import Dataset
-from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES
 
 T = TypeVar("T")
 
@@ -26,6 +28,16 @@ def encode(ds: Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def require_tool(name: str) -> str:
+    """Path of a peer program; skipped locally when missing, a failure in CI (which installs it)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI (.ci/run installs it)")
+        pytest.skip(f"{name} not installed")
+    return path
 
 
 def free_port() -> int:
@@ -55,7 +67,12 @@ def c_store(
 ) -> list[int]:
     """Send datasets over one association with pynetdicom; returns the statuses."""
     ae = AE(ae_title=calling_aet)
-    ae.requested_contexts = StoragePresentationContexts
+    # a context per (SOP class, transfer syntax) the data sets use: the acceptor chooses one
+    # syntax per context, so a compressed data set needs a context offering only its own
+    for sop_class, tsuid in sorted({(d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets}):
+        ae.add_requested_context(sop_class, tsuid)
+    for sop_class in sorted({d.SOPClassUID for d in datasets}):
+        ae.add_requested_context(sop_class, DEFAULT_TRANSFER_SYNTAXES)
     assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
     assert assoc.is_established, "association was not accepted"
     try:
@@ -128,6 +145,11 @@ class ServeProcess:
         r = requests.get(f"{self.url}{path}", timeout=10)
         r.raise_for_status()
         return r.json()
+
+    def get_text(self, path: str) -> str:
+        r = requests.get(f"{self.url}{path}", timeout=10)
+        r.raise_for_status()
+        return r.text
 
     def kill(self) -> None:
         assert self.proc is not None

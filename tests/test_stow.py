@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage
+from pydicom.uid import UID, CTImageStorage
 from sqlalchemy import select
 
 from fvlm_pacs.api import AppContext, create_app
@@ -52,16 +52,14 @@ def multipart(parts: list[Part], boundary: str = BOUNDARY) -> bytes:
         out += b"Content-Type: " + ctype_bytes + b"\r\n\r\n"
         out += data + b"\r\n"
     out += b"--" + boundary.encode() + b"--\r\n"
-    assert boundary.encode() not in b"".join(
-        p[1] if isinstance(p, tuple) else p for p in parts
-    ), "boundary occurs in a part"
+    assert boundary.encode() not in b"".join(p[1] if isinstance(p, tuple) else p for p in parts), (
+        "boundary occurs in a part"
+    )
     return bytes(out)
 
 
 def small_series(n: int = 3, study: str | None = None, **spec: Any) -> list[Dataset]:
-    return ct_series(
-        SeriesSpec(n_slices=n, rows=16, columns=16, **spec), study_instance_uid=study
-    )
+    return ct_series(SeriesSpec(n_slices=n, rows=16, columns=16, **spec), study_instance_uid=study)
 
 
 def client_for(parts: Parts) -> TestClient:
@@ -191,6 +189,7 @@ def test_stow_three_slices(client: TestClient, parts: Parts) -> None:
         assert (series_row.instance_count, series_row.modality) == (3, "CT")
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_stow_mixed_good_and_bad_parts(client: TestClient, parts: Parts) -> None:
     series = small_series(5)
     good = series[:2]
@@ -199,7 +198,7 @@ def test_stow_mixed_good_and_bad_parts(client: TestClient, parts: Parts) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the invalid UI value
         bad_uid_ds.SOPInstanceUID = "1.2.3/../4"
-        bad_uid_ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3/../4"
+        bad_uid_ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.3/../4")
         bad_uid = encode(bad_uid_ds)
     body = multipart(
         [
@@ -261,17 +260,45 @@ def test_stow_all_parts_bad_is_409(client: TestClient, parts: Parts) -> None:
         assert session.scalars(select(Study)).all() == []
 
 
-def test_stow_part_type_that_is_not_utf8(client: TestClient, parts: Parts) -> None:
-    """A part's Content-Type is latin-1 text; a non-UTF-8 byte must fail that part, not the
-    whole request with a 500."""
+def test_stow_odd_part_types_fail_the_part_only(client: TestClient, parts: Parts) -> None:
+    """A part's Content-Type is latin-1 text the client chose: a non-UTF-8 byte, a quote or a
+    backslash must fail that part (and not break the Warning header), not the request."""
     ds = small_series(1)[0]
-    body = multipart([encode(ds), (b"text/pl\xe4in", b"x")])
+    body = multipart([encode(ds), (b"text/pl\xe4in", b"x"), (b'text/x"y\\z', b"y")])
 
     r = post(client, body)
 
     assert r.status_code == 202, r.text
     assert referenced(r.json()) == {(CTImageStorage, ds.SOPInstanceUID)}
-    assert [f["reason"] for f in failed(r.json())] == [FAILURE_PROCESSING]
+    assert [f["reason"] for f in failed(r.json())] == [FAILURE_PROCESSING] * 2
+    warning = r.headers["warning"]
+    assert warning.isascii()
+    assert warning.startswith('299 fvlm-pacs "') and warning.endswith('"')
+    assert warning.count('"') == 2 and "\\" not in warning
+    assert "text/pl?in" in warning and "text/x?y?z" in warning
+
+
+@pytest.mark.parametrize("cut", [len(f"\r\n--{BOUNDARY}--\r\n"), 300], ids=["no-close", "mid-part"])
+def test_stow_body_ending_inside_a_part(client: TestClient, parts: Parts, cut: int) -> None:
+    """A body that stops before the last part's boundary: that part is reported failed (not a
+    200 that silently drops it) and not stored."""
+    first, last = small_series(2)
+    body = multipart([encode(first), encode(last)])[:-cut]
+
+    r = post(client, body)
+
+    assert r.status_code == 202, r.text
+    assert referenced(r.json()) == {(CTImageStorage, first.SOPInstanceUID)}
+    assert failed(r.json()) == [
+        {"cls": CTImageStorage, "uid": last.SOPInstanceUID, "reason": FAILURE_PROCESSING}
+    ]
+    assert [row.sop_instance_uid for row in instance_rows(parts)] == [first.SOPInstanceUID]
+    assert spool_files(parts) == {spool_path(first)}
+
+    # a lone unterminated part: nothing complete at all
+    r = post(client, multipart([encode(small_series(1)[0])])[:-cut])
+    assert r.status_code == 400, r.text
+    assert len(instance_rows(parts)) == 1
 
 
 def test_stow_to_named_study_refuses_other_studies(client: TestClient, parts: Parts) -> None:
@@ -323,8 +350,7 @@ def test_stow_request_media_type(
 def test_stow_without_content_type_is_415(client: TestClient, parts: Parts) -> None:
     body = multipart([encode(small_series(1)[0])])
     request = client.build_request("POST", "/dicomweb/studies", content=body)
-    del request.headers["content-type"]  # httpx adds none for raw bytes; make sure
-    assert "content-type" not in request.headers
+    assert "content-type" not in request.headers  # httpx adds none for raw bytes
 
     r = client.send(request)
 
@@ -369,7 +395,10 @@ def test_stow_body_over_limit_is_413(make_parts: Callable[..., Parts]) -> None:
 
         # streamed without Content-Length (chunked): refused once the count passes the limit
         request = client.build_request(
-            "POST", "/dicomweb/studies", content=chunks(big_body), headers={"Content-Type": STOW_TYPE}
+            "POST",
+            "/dicomweb/studies",
+            content=chunks(big_body),
+            headers={"Content-Type": STOW_TYPE},
         )
         assert "content-length" not in request.headers
         assert request.headers["transfer-encoding"] == "chunked"

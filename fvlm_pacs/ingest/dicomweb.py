@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -25,6 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from fvlm_pacs.errors import InvalidInstance, StorageFailure
 from fvlm_pacs.ingest.intake import Intake
 from fvlm_pacs.ingest.spool import validate_uid
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +74,12 @@ class StowOutcome:
                 ds.ReferencedSOPSequence.append(item)
         if self.failed:
             ds.FailedSOPSequence = []
-            for cls, uid, reason, _comment in self.failed:
+            for failed_cls, failed_uid, reason, _comment in self.failed:
                 item = Dataset()
-                if cls:
-                    item.ReferencedSOPClassUID = cls
-                if uid:
-                    item.ReferencedSOPInstanceUID = uid
+                if failed_cls:
+                    item.ReferencedSOPClassUID = failed_cls
+                if failed_uid:
+                    item.ReferencedSOPInstanceUID = failed_uid
                 item.FailureReason = reason
                 ds.FailedSOPSequence.append(item)
         return ds.to_json_dict()
@@ -108,8 +111,9 @@ class _PartCollector:
         self._value = bytearray()
         self._data = bytearray()
         self.parts_seen = 0
+        self.in_part = False  # a part began and its closing boundary has not come yet
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._begin,
             "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
@@ -122,6 +126,11 @@ class _PartCollector:
     def _begin(self) -> None:
         self._headers = {}
         self._data = bytearray()
+        self.in_part = True
+
+    def unfinished(self) -> bytes:
+        """What arrived of a part the body ended inside of."""
+        return bytes(self._data)
 
     def _header_end(self) -> None:
         self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode(
@@ -131,6 +140,7 @@ class _PartCollector:
         self._value.clear()
 
     def _end(self) -> None:
+        self.in_part = False
         self.parts_seen += 1
         self.ready.append((self._headers, bytes(self._data)))
         self._data = bytearray()
@@ -143,7 +153,6 @@ async def store_instances(
     *,
     max_bytes: int,
     study_uid: str | None,
-    actor: str,
     peer_host: str | None,
 ) -> StowOutcome:
     """Parse the streamed body and store every part; per-part failures go in the outcome."""
@@ -162,13 +171,18 @@ async def store_instances(
             raise StowRequestError(400, f"malformed multipart body: {exc}") from None
         while collector.ready:
             headers, data = collector.ready.pop(0)
-            await _store_part(intake, headers, data, outcome, study_uid, actor, peer_host)
+            await _store_part(intake, headers, data, outcome, study_uid, peer_host)
     parser.finalize()
     while collector.ready:
         headers, data = collector.ready.pop(0)
-        await _store_part(intake, headers, data, outcome, study_uid, actor, peer_host)
+        await _store_part(intake, headers, data, outcome, study_uid, peer_host)
     if collector.parts_seen == 0:
-        raise StowRequestError(400, "the multipart body has no parts")
+        raise StowRequestError(400, "the multipart body has no complete parts")
+    if collector.in_part:
+        # The body ended without the part's closing boundary: that part was not stored, and
+        # the response must not claim that everything was.
+        cls, uid = _uids_if_readable(collector.unfinished())
+        outcome.failed.append((cls, uid, FAILURE_PROCESSING, "body ends inside a part"))
     return outcome
 
 
@@ -178,10 +192,13 @@ async def _store_part(
     data: bytes,
     outcome: StowOutcome,
     study_uid: str | None,
-    actor: str,
     peer_host: str | None,
 ) -> None:
-    part_type = parse_options_header(headers.get("content-type", _DICOM))[0].decode().lower()
+    # Header bytes were decoded as latin-1 and parse_options_header re-encodes them so; a
+    # part type that is not UTF-8 is just an unsupported type, not a server error.
+    part_type = (
+        parse_options_header(headers.get("content-type", _DICOM))[0].decode("latin-1").lower()
+    )
     if part_type != _DICOM:
         outcome.failed.append((None, None, FAILURE_PROCESSING, f"part type {part_type}"))
         return

@@ -9,18 +9,22 @@ that came by C-STORE.
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import cache
 from io import BytesIO
 from typing import Any
 
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from sqlalchemy import case, select, update
+from sqlalchemy import Connection, Executable, Table, bindparam, case, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from fvlm_pacs.db import Instance, Series, Study, insert_ignore, utcnow
+from fvlm_pacs.db import Instance, Series, Study, UtcDateTime, utcnow
 from fvlm_pacs.domain import InstanceRef
 from fvlm_pacs.errors import InvalidInstance, StorageFailure
 from fvlm_pacs.ingest.spool import Spool, StoredFile, validate_uid
@@ -60,6 +64,12 @@ def parse_header(data: bytes) -> _Header:
     except Exception as exc:  # pydicom raises many types for garbage input
         raise InvalidInstance(f"not a readable DICOM object: {type(exc).__name__}") from None
     _check_complete(ds)
+    _check_pixel_data_length(ds)
+    return _header(ds)
+
+
+def _header(ds: Dataset) -> _Header:
+    """The identifying attributes of a data set, with pydicom's value conversions."""
     try:
         ref = InstanceRef(
             study_instance_uid=validate_uid(ds.get("StudyInstanceUID"), "Study Instance UID"),
@@ -98,6 +108,89 @@ def _check_complete(ds: Dataset) -> None:
             )
 
 
+def _check_pixel_data_length(ds: Dataset) -> None:
+    """Native (uncompressed) Pixel Data must hold every frame the image header describes.
+
+    Catches a data set cut short whose length fields were then made consistent (some SCUs
+    re-encode a damaged file before sending it), which the element check cannot see.
+    """
+    meta = getattr(ds, "file_meta", None)
+    tsuid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if "PixelData" not in ds or (tsuid is not None and tsuid.is_compressed):
+        return
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise InvalidInstance("Pixel Data without a usable image pixel description") from None
+    expected_bits = rows * cols * samples * bits * frames
+    expected = (expected_bits + 7) // 8
+    actual = len(ds.PixelData)
+    if actual < expected:
+        raise InvalidInstance(f"truncated Pixel Data: {actual} of {expected} bytes")
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """The intake transaction's SQL, built once per dialect.
+
+    Every instance runs these (up to five per instance) while holding the database write lock,
+    so their cost bounds ingest throughput. Executed as SQLAlchemy Core statements on the
+    session's connection they hit the compiled-statement cache every time; going through the ORM
+    (``session.execute(update(Model)…)``, a new statement object per call) cost about 1.4 ms of
+    CPU per instance, this about 0.3 ms. The SQL itself is unchanged.
+    """
+
+    insert_study: Executable
+    insert_series: Executable
+    insert_instance: Executable
+    count_series: Executable
+    touch_study: Executable
+    owner: Executable
+    update_instance: Executable
+
+
+@cache
+def _statements(dialect: str) -> _Statements:
+    studies: Table = Study.__table__  # type: ignore[assignment]
+    series: Table = Series.__table__  # type: ignore[assignment]
+    instances: Table = Instance.__table__  # type: ignore[assignment]
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    # Bound parameters in WHERE clauses are prefixed ``b_``: SQLAlchemy reserves column names
+    # for the SET clause of an UPDATE.
+    now = bindparam("b_now", type_=UtcDateTime())
+    return _Statements(
+        insert_study=insert(studies).on_conflict_do_nothing(index_elements=["study_instance_uid"]),
+        insert_series=insert(series).on_conflict_do_nothing(index_elements=["series_instance_uid"]),
+        # Whether the row was new is read from rowcount, which SQLAlchemy keeps for an INSERT
+        # only when asked (psycopg reports -1 otherwise).
+        insert_instance=insert(instances)
+        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        .execution_options(preserve_rowcount=True),
+        count_series=update(series)
+        .where(series.c.series_instance_uid == bindparam("b_series"))
+        .values(instance_count=series.c.instance_count + 1),
+        # Record activity; a study whose current burst already has a job moves to the next
+        # revision, so the completion sweep creates a superseding job for it.
+        touch_study=update(studies)
+        .where(studies.c.study_instance_uid == bindparam("b_study"))
+        .values(
+            last_received_at=now,
+            instance_count=studies.c.instance_count + bindparam("b_added"),
+            revision=case(
+                (studies.c.completed_revision >= studies.c.revision, studies.c.revision + 1),
+                else_=studies.c.revision,
+            ),
+        ),
+        owner=select(instances.c.study_instance_uid, instances.c.series_instance_uid).where(
+            instances.c.sop_instance_uid == bindparam("b_sop")
+        ),
+        update_instance=update(instances).where(instances.c.sop_instance_uid == bindparam("b_sop")),
+    )
+
+
 class Intake:
     """Receives encoded instances into the spool and the database."""
 
@@ -107,6 +200,18 @@ class Intake:
         self.spool = spool
         self.sessions = sessions
         self.metrics = metrics
+        # SQLite has one writer at a time. A transaction that finds the write lock taken waits
+        # in SQLite's busy handler, which polls with growing sleeps (1, 2, 5, 10 … 100 ms), so
+        # with several associations the lock sat idle while writers slept (4 senders: a
+        # transaction took 2.5 ms on average, up to 40-60 ms). Queueing this process's intake
+        # transactions on a Python lock hands the write lock over at once (1.8 ms, at most
+        # 11 ms). Other writers (sweep, workers, other processes) still meet the busy timeout,
+        # as before. PostgreSQL needs no such thing.
+        bind = sessions.kw.get("bind")
+        dialect = getattr(getattr(bind, "dialect", None), "name", None)
+        self._write_lock: AbstractContextManager[Any] = (
+            threading.Lock() if dialect == "sqlite" else nullcontext()
+        )
 
     def receive(
         self,
@@ -161,10 +266,11 @@ class Intake:
         ref = header.ref
         now = utcnow()
         try:
-            with self.sessions.begin() as session:
-                insert_ignore(
-                    session,
-                    Study,
+            with self._write_lock, self.sessions.begin() as session:
+                conn = session.connection()
+                sql = _statements(conn.dialect.name)
+                conn.execute(
+                    sql.insert_study,
                     {
                         "study_instance_uid": ref.study_instance_uid,
                         "first_received_at": now,
@@ -173,11 +279,9 @@ class Intake:
                         "revision": 1,
                         "completed_revision": 0,
                     },
-                    ["study_instance_uid"],
                 )
-                insert_ignore(
-                    session,
-                    Series,
+                conn.execute(
+                    sql.insert_series,
                     {
                         "series_instance_uid": ref.series_instance_uid,
                         "study_instance_uid": ref.study_instance_uid,
@@ -186,7 +290,6 @@ class Intake:
                         "series_description": header.series_description,
                         "instance_count": 0,
                     },
-                    ["series_instance_uid"],
                 )
                 row = {
                     "sop_class_uid": ref.sop_class_uid,
@@ -198,30 +301,20 @@ class Intake:
                     "peer_host": peer_host,
                     "received_at": now,
                 }
-                inserted = insert_ignore(
-                    session,
-                    Instance,
+                inserted = conn.execute(
+                    sql.insert_instance,
                     {
                         "sop_instance_uid": ref.sop_instance_uid,
                         "series_instance_uid": ref.series_instance_uid,
                         "study_instance_uid": ref.study_instance_uid,
                         **row,
                     },
-                    ["sop_instance_uid"],
-                )
+                ).rowcount
                 if inserted:
-                    session.execute(
-                        update(Series)
-                        .where(Series.series_instance_uid == ref.series_instance_uid)
-                        .values(instance_count=Series.instance_count + 1)
-                    )
-                    self._touch_study(session, ref.study_instance_uid, now, added=1)
+                    conn.execute(sql.count_series, {"b_series": ref.series_instance_uid})
+                    self._touch_study(conn, sql, ref.study_instance_uid, now, added=1)
                     return True
-                owner = session.execute(
-                    select(Instance.study_instance_uid, Instance.series_instance_uid).where(
-                        Instance.sop_instance_uid == ref.sop_instance_uid
-                    )
-                ).one()
+                owner = conn.execute(sql.owner, {"b_sop": ref.sop_instance_uid}).one()
                 if (owner.study_instance_uid, owner.series_instance_uid) != (
                     ref.study_instance_uid,
                     ref.series_instance_uid,
@@ -233,32 +326,19 @@ class Intake:
                     )
                 if stored.changed:
                     # Same instance, new content: keep the newest and re-open the study.
-                    session.execute(
-                        update(Instance)
-                        .where(Instance.sop_instance_uid == ref.sop_instance_uid)
-                        .values(**row)
-                    )
-                    self._touch_study(session, ref.study_instance_uid, now, added=0)
+                    conn.execute(sql.update_instance, {"b_sop": ref.sop_instance_uid, **row})
+                    self._touch_study(conn, sql, ref.study_instance_uid, now, added=0)
                 return False
         except SQLAlchemyError as exc:
             raise StorageFailure(f"database write failed: {type(exc).__name__}") from exc
 
     @staticmethod
-    def _touch_study(session: Session, study_uid: str, now: Any, added: int) -> None:
+    def _touch_study(
+        conn: Connection, sql: _Statements, study_uid: str, now: Any, added: int
+    ) -> None:
         """Record activity; a study whose current burst already has a job moves to the next
         revision, so the completion sweep creates a superseding job for it."""
-        session.execute(
-            update(Study)
-            .where(Study.study_instance_uid == study_uid)
-            .values(
-                last_received_at=now,
-                instance_count=Study.instance_count + added,
-                revision=case(
-                    (Study.completed_revision >= Study.revision, Study.revision + 1),
-                    else_=Study.revision,
-                ),
-            )
-        )
+        conn.execute(sql.touch_study, {"b_study": study_uid, "b_now": now, "b_added": added})
 
     def recover(self) -> int:
         """Index spool files that have no database row (a crash between rename and commit).

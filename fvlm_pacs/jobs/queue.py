@@ -93,6 +93,14 @@ class JobQueue:
                 job.lease_expires_at = now + self.lease
                 job.started_at = now
                 job.finished_at = None
+                audit(
+                    session,
+                    "job_claimed",
+                    actor=owner,
+                    study_instance_uid=job.study_instance_uid,
+                    job_id=job.id,
+                    detail={"attempt": job.attempts},
+                )
                 return ClaimedJob(
                     id=job.id,
                     study_instance_uid=job.study_instance_uid,

@@ -584,7 +584,10 @@ def assemble_study(
         summary = "; ".join(f"{uid}: {', '.join(why)}" for uid, why in reasons.items()) or "no readable instances"
         skipped = sum(1 for w in warnings if w.startswith("skipped"))
         extra = f" ({skipped} file(s) skipped as unreadable)" if skipped else ""
-        raise NoUsableSeries(f"no series passes the selection rules{extra}: {summary}")
+        raise NoUsableSeries(
+            f"no series passes the selection rules{extra}: {summary}",
+            detail=_failure_detail(choice, reasons, warnings),
+        )
 
     failures: list[str] = []
     for uid in choice.ranking:
@@ -613,4 +616,15 @@ def assemble_study(
         final = SeriesChoice(chosen_series_uid=uid, reasons=reasons, ranking=list(choice.ranking))
         return final, volume, warnings + series_warnings
 
-    raise GeometryError("no accepted series could be assembled: " + "; ".join(failures))
+    raise GeometryError(
+        "no accepted series could be assembled: " + "; ".join(failures),
+        detail=_failure_detail(choice, reasons, warnings),
+    )
+
+
+def _failure_detail(
+    choice: SeriesChoice, reasons: dict[str, list[str]], warnings: list[str]
+) -> dict[str, Any]:
+    """What the job keeps when assembly fails: every series' verdict, so the API explains it."""
+    verdicts = SeriesChoice(chosen_series_uid=None, reasons=reasons, ranking=list(choice.ranking))
+    return {"assembly": {"series_choice": verdicts.as_dict(), "volume": None, "warnings": warnings}}
