@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fvlm_pacs.synthetic import SeriesSpec, ct_series, write_series
+from fvlm_pacs.synthetic import SeriesSpec, ct_series, write_series  # noqa: E402 (after sys.path)
 
 HOST = "127.0.0.1"
 CALLING_AE = "BENCHSCU"

@@ -135,7 +135,10 @@ def create_app(ctx: AppContext) -> FastAPI:
         with ctx.sessions() as session:
             studies = list(
                 session.scalars(
-                    select(Study).order_by(Study.last_received_at.desc()).limit(limit).offset(offset)
+                    select(Study)
+                    .order_by(Study.last_received_at.desc())
+                    .limit(limit)
+                    .offset(offset)
                 )
             )
             latest = _latest_jobs(session, [s.study_instance_uid for s in studies])

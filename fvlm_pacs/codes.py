@@ -165,7 +165,11 @@ class AttributeCondition:
                 ok = any(_same_scalar(value, v) for v in self.in_)
                 verb = "is" if ok else "is not"
                 out.append((ok, f"{a} {_show(value)} {verb} one of {allowed}"))
-        if self.contains_all is not None or self.contains_none is not None or self.contains_any is not None:
+        if (
+            self.contains_all is not None
+            or self.contains_none is not None
+            or self.contains_any is not None
+        ):
             out.extend(self._contains_checks(value))
         if self.min is not None or self.max is not None:
             out.append(self._range_check(value, unit))
@@ -215,7 +219,9 @@ class AttributeCondition:
                     out.append((True, f"{a} contains none of {', '.join(self.contains_none)}"))
         if self.contains_any is not None:
             if value is None:
-                out.append(self._missing(False, f"must contain one of {', '.join(self.contains_any)}"))
+                out.append(
+                    self._missing(False, f"must contain one of {', '.join(self.contains_any)}")
+                )
             else:
                 present = [v for v in self.contains_any if v.upper() in have]
                 if present:
@@ -298,7 +304,9 @@ class OrientationCondition:
     def evaluate(self, facts: SeriesFacts) -> Verdict:
         normal = facts.slice_normal()
         if normal is None:
-            return Verdict(False, ("ImageOrientationPatient missing or malformed (orientation unknown)",))
+            return Verdict(
+                False, ("ImageOrientationPatient missing or malformed (orientation unknown)",)
+            )
         angle = self.angle(normal)
         ok = angle <= self.max_angle_degrees
         limit = _fmt_num(self.max_angle_degrees).removesuffix(".0")
@@ -433,8 +441,19 @@ class SeriesRules:
 
 
 _ATTRIBUTE_KEYS = frozenset(
-    {"attribute", "in", "contains_all", "contains_none", "contains_any", "min", "max", "matches",
-     "not_matches", "unit", "if_missing"}
+    {
+        "attribute",
+        "in",
+        "contains_all",
+        "contains_none",
+        "contains_any",
+        "min",
+        "max",
+        "matches",
+        "not_matches",
+        "unit",
+        "if_missing",
+    }
 )
 _KINDS = ("attribute", "orientation", "min_instances", "all", "any", "not")
 _TOP_KEYS = frozenset({"version", "all", "prefer"})
@@ -471,7 +490,9 @@ def parse_series_rules(data: Any, source: str = "<memory>") -> SeriesRules:
         )
     version = data.get("version", 1)
     if version != 1:
-        raise ConfigError(f"series rules {where}: version: unsupported version {version!r} (expected 1)")
+        raise ConfigError(
+            f"series rules {where}: version: unsupported version {version!r} (expected 1)"
+        )
     if "all" not in data:
         raise ConfigError(f"series rules {where}: missing top-level key 'all'")
     condition = _parse_group("all", data["all"], "all", where)
@@ -493,9 +514,12 @@ def _parse_condition(node: Any, key_path: str, where: str) -> Condition:
         if not kinds:
             bad = next((k for k in keys if k not in _ATTRIBUTE_KEYS | {"max_angle_degrees"}), None)
             if bad is None:
-                raise _fail(where, f"{key_path}.attribute", f"missing 'attribute' for test {keys[0]!r}")
+                raise _fail(
+                    where, f"{key_path}.attribute", f"missing 'attribute' for test {keys[0]!r}"
+                )
             raise _fail(
-                where, f"{key_path}.{bad}",
+                where,
+                f"{key_path}.{bad}",
                 f"unknown condition key {bad!r} (a condition starts with one of {', '.join(_KINDS)})",
             )
         raise _fail(where, key_path, f"one condition per item, got {', '.join(kinds)}")
@@ -503,17 +527,23 @@ def _parse_condition(node: Any, key_path: str, where: str) -> Condition:
     if kind in ("all", "any", "not"):
         extra = [k for k in keys if k != kind]
         if extra:
-            raise _fail(where, f"{key_path}.{extra[0]}", f"unknown key {extra[0]!r} next to {kind!r}")
+            raise _fail(
+                where, f"{key_path}.{extra[0]}", f"unknown key {extra[0]!r} next to {kind!r}"
+            )
         return _parse_group(kind, node[kind], f"{key_path}.{kind}", where)
     if kind == "orientation":
         return _parse_orientation(node, keys, key_path, where)
     if kind == "min_instances":
         extra = [k for k in keys if k != kind]
         if extra:
-            raise _fail(where, f"{key_path}.{extra[0]}", f"unknown key {extra[0]!r} next to 'min_instances'")
+            raise _fail(
+                where, f"{key_path}.{extra[0]}", f"unknown key {extra[0]!r} next to 'min_instances'"
+            )
         n = node[kind]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise _fail(where, f"{key_path}.min_instances", f"must be a positive integer, got {n!r}")
+            raise _fail(
+                where, f"{key_path}.min_instances", f"must be a positive integer, got {n!r}"
+            )
         return MinInstancesCondition(n)
     return _parse_attribute(node, keys, key_path, where)
 
@@ -527,26 +557,37 @@ def _parse_group(kind: str, body: Any, key_path: str, where: str) -> Condition:
     return AllOf(items) if kind == "all" else AnyOf(items)
 
 
-def _parse_orientation(node: Mapping[str, Any], keys: list[str], key_path: str, where: str) -> Condition:
+def _parse_orientation(
+    node: Mapping[str, Any], keys: list[str], key_path: str, where: str
+) -> Condition:
     extra = [k for k in keys if k not in ("orientation", "max_angle_degrees")]
     if extra:
-        raise _fail(where, f"{key_path}.{extra[0]}", f"unknown key {extra[0]!r} in an orientation condition")
+        raise _fail(
+            where, f"{key_path}.{extra[0]}", f"unknown key {extra[0]!r} in an orientation condition"
+        )
     plane = node["orientation"]
     if plane not in _AXES:
-        raise _fail(where, f"{key_path}.orientation", f"must be one of {', '.join(_AXES)}, got {plane!r}")
+        raise _fail(
+            where, f"{key_path}.orientation", f"must be one of {', '.join(_AXES)}, got {plane!r}"
+        )
     if "max_angle_degrees" not in node:
         raise _fail(where, f"{key_path}.max_angle_degrees", "required with 'orientation'")
     angle = node["max_angle_degrees"]
     if isinstance(angle, bool) or not isinstance(angle, (int, float)) or not 0 <= angle <= 90:
-        raise _fail(where, f"{key_path}.max_angle_degrees", f"must be a number in 0–90, got {angle!r}")
+        raise _fail(
+            where, f"{key_path}.max_angle_degrees", f"must be a number in 0–90, got {angle!r}"
+        )
     return OrientationCondition(plane=str(plane), max_angle_degrees=float(angle))
 
 
-def _parse_attribute(node: Mapping[str, Any], keys: list[str], key_path: str, where: str) -> Condition:
+def _parse_attribute(
+    node: Mapping[str, Any], keys: list[str], key_path: str, where: str
+) -> Condition:
     unknown = [k for k in keys if k not in _ATTRIBUTE_KEYS]
     if unknown:
         raise _fail(
-            where, f"{key_path}.{unknown[0]}",
+            where,
+            f"{key_path}.{unknown[0]}",
             f"unknown condition key {unknown[0]!r} (expected one of {', '.join(sorted(_ATTRIBUTE_KEYS - {'attribute'}))})",
         )
     attribute = node["attribute"]
@@ -554,7 +595,11 @@ def _parse_attribute(node: Mapping[str, Any], keys: list[str], key_path: str, wh
         raise _fail(where, f"{key_path}.attribute", f"{attribute!r} is not a DICOM keyword")
     operators = [k for k in keys if k not in ("attribute", "unit", "if_missing")]
     if not operators:
-        raise _fail(where, key_path, f"condition on {attribute} has no test (in, contains_*, min, max, matches…)")
+        raise _fail(
+            where,
+            key_path,
+            f"condition on {attribute} has no test (in, contains_*, min, max, matches…)",
+        )
 
     def str_list(key: str) -> tuple[str, ...] | None:
         if key not in node:
@@ -587,8 +632,10 @@ def _parse_attribute(node: Mapping[str, Any], keys: list[str], key_path: str, wh
     in_: tuple[Any, ...] | None = None
     if "in" in node:
         v = node["in"]
-        if not isinstance(v, list) or not v or not all(
-            isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v
+        if (
+            not isinstance(v, list)
+            or not v
+            or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v)
         ):
             raise _fail(where, f"{key_path}.in", "must be a non-empty list of strings or numbers")
         in_ = tuple(v)
@@ -600,7 +647,9 @@ def _parse_attribute(node: Mapping[str, Any], keys: list[str], key_path: str, wh
         raise _fail(where, f"{key_path}.unit", "must be a string")
     if_missing = node.get("if_missing")
     if if_missing not in (None, "pass", "fail"):
-        raise _fail(where, f"{key_path}.if_missing", f"must be 'pass' or 'fail', got {if_missing!r}")
+        raise _fail(
+            where, f"{key_path}.if_missing", f"must be 'pass' or 'fail', got {if_missing!r}"
+        )
     return AttributeCondition(
         attribute=attribute,
         in_=in_,
@@ -618,7 +667,9 @@ def _parse_attribute(node: Mapping[str, Any], keys: list[str], key_path: str, wh
 
 def _parse_prefer(body: Any, where: str) -> tuple[PreferKey, ...]:
     if not isinstance(body, list):
-        raise _fail(where, "prefer", "must be a list like [{most: instances}, {least: SliceThickness}]")
+        raise _fail(
+            where, "prefer", "must be a list like [{most: instances}, {least: SliceThickness}]"
+        )
     out: list[PreferKey] = []
     for i, item in enumerate(body):
         kp = f"prefer[{i}]"
@@ -626,8 +677,14 @@ def _parse_prefer(body: Any, where: str) -> tuple[PreferKey, ...]:
             raise _fail(where, kp, "each entry is one mapping: {most: <key>} or {least: <key>}")
         ((direction, key),) = item.items()
         if direction not in ("most", "least"):
-            raise _fail(where, f"{kp}.{direction}", f"unknown preference {direction!r} (expected most, least)")
+            raise _fail(
+                where,
+                f"{kp}.{direction}",
+                f"unknown preference {direction!r} (expected most, least)",
+            )
         if not isinstance(key, str) or (key != "instances" and tag_for_keyword(key) is None):
-            raise _fail(where, f"{kp}.{direction}", f"{key!r} is neither 'instances' nor a DICOM keyword")
+            raise _fail(
+                where, f"{kp}.{direction}", f"{key!r} is neither 'instances' nor a DICOM keyword"
+            )
         out.append(PreferKey(direction=direction, key=key))
     return tuple(out)

@@ -53,7 +53,10 @@ def run_study(ctx: PipelineContext, job: ClaimedJob) -> dict[str, Any]:
     )
     timings["assembly_s"] = round(time.perf_counter() - started, 3)
     log.info(
-        "job %d: assembled series %s into %s", job.id, volume.series_instance_uid, volume.array.shape
+        "job %d: assembled series %s into %s",
+        job.id,
+        volume.series_instance_uid,
+        volume.array.shape,
     )
     return {
         "pipeline_version": PIPELINE_VERSION,

@@ -19,6 +19,7 @@ from types import FrameType
 
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
+from fastapi import FastAPI
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -81,9 +82,20 @@ def build(settings: Settings, *, migrate: bool = True) -> Parts:
             max_attempts=settings.job_max_attempts,
             metrics=metrics,
         ),
-        pipeline=PipelineContext(
-            sessions=sessions, spool=spool, series_rules=load_series_rules()
-        ),
+        pipeline=PipelineContext(sessions=sessions, spool=spool, series_rules=load_series_rules()),
+    )
+
+
+def make_app(parts: Parts) -> FastAPI:
+    """The HTTP API over this process's parts."""
+    return create_app(
+        AppContext(
+            settings=parts.settings,
+            sessions=parts.sessions,
+            intake=parts.intake,
+            queue=parts.queue,
+            metrics=parts.metrics,
+        )
     )
 
 
@@ -144,15 +156,7 @@ def serve(settings: Settings) -> None:
         coalesce=True,
         id="completion-sweep",
     )
-    app = create_app(
-        AppContext(
-            settings=settings,
-            sessions=parts.sessions,
-            intake=parts.intake,
-            queue=parts.queue,
-            metrics=parts.metrics,
-        )
-    )
+    app = make_app(parts)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.http_host, settings.http_port))
@@ -164,9 +168,7 @@ def serve(settings: Settings) -> None:
     scp.start()
     scheduler.start()
     workers.start()
-    log.info(
-        "HTTP API on http://%s:%d (SIGTERM or Ctrl-C to stop)", *sock.getsockname()[:2]
-    )
+    log.info("HTTP API on http://%s:%d (SIGTERM or Ctrl-C to stop)", *sock.getsockname()[:2])
     try:
         server.run(sockets=[sock])  # returns on SIGINT/SIGTERM (uvicorn's handlers)
     finally:

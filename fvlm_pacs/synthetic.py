@@ -13,7 +13,12 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 SyntheticHU = Callable[[int, int, int], np.ndarray]
 """Returns the HU image (rows × columns) for slice index ``k`` of ``n``: ``f(k, rows, cols)``."""
@@ -84,9 +89,7 @@ def ct_series(
         image = hu(k, spec.rows, spec.columns)
         stored = np.round((image - spec.rescale_intercept) / spec.rescale_slope)
         stored = np.clip(stored, -32768, 32767).astype(np.int16)
-        out.append(
-            _ct_dataset(spec, study_uid, series_uid, for_uid, patient_id, k, pos, stored)
-        )
+        out.append(_ct_dataset(spec, study_uid, series_uid, for_uid, patient_id, k, pos, stored))
     return out
 
 

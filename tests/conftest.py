@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from fvlm_pacs.config import Settings, load_settings
-from fvlm_pacs.service import Parts, build
+from fvlm_pacs.ingest.scp import StorageSCP
+from fvlm_pacs.service import Parts, build, make_app
 
 PG_ENV = "FVLM_PACS_TEST_POSTGRES_URL"
 
@@ -83,3 +86,44 @@ def parts(settings: Settings) -> Iterator[Parts]:
     p = build(settings)
     yield p
     p.engine.dispose()
+
+
+@pytest.fixture
+def make_parts(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Parts]]:
+    """Parts built from settings with overrides (api_tokens, stow_max_bytes, ...)."""
+    built: list[Parts] = []
+
+    def make(**overrides: Any) -> Parts:
+        settings = load_settings(
+            data_dir=tmp_path / "variant",
+            database_url=database_url,
+            dicom_port=0,
+            http_port=0,
+            **{"stable_seconds": 30, **overrides},
+        )
+        p = build(settings)
+        built.append(p)
+        return p
+
+    yield make
+    for p in built:
+        p.engine.dispose()
+
+
+def client_for(parts: Parts) -> TestClient:
+    return TestClient(make_app(parts))
+
+
+@pytest.fixture
+def client(parts: Parts) -> Iterator[TestClient]:
+    with client_for(parts) as c:
+        yield c
+
+
+@pytest.fixture
+def scp(parts: Parts) -> Iterator[StorageSCP]:
+    """A running SCP on a free loopback port, storing through ``parts``."""
+    server = StorageSCP(parts.settings, parts.intake, parts.sessions, parts.metrics)
+    server.start()
+    yield server
+    server.stop(grace_seconds=2)

@@ -69,7 +69,9 @@ def c_store(
     ae = AE(ae_title=calling_aet)
     # a context per (SOP class, transfer syntax) the data sets use: the acceptor chooses one
     # syntax per context, so a compressed data set needs a context offering only its own
-    for sop_class, tsuid in sorted({(d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets}):
+    for sop_class, tsuid in sorted(
+        {(d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets}
+    ):
         ae.add_requested_context(sop_class, tsuid)
     for sop_class in sorted({d.SOPClassUID for d in datasets}):
         ae.add_requested_context(sop_class, DEFAULT_TRANSFER_SYNTAXES)

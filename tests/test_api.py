@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,58 +13,15 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from fvlm_pacs import __version__
-from fvlm_pacs.api import AppContext, create_app
-from fvlm_pacs.config import load_settings
 from fvlm_pacs.db import utcnow
 from fvlm_pacs.errors import NoUsableSeries
 from fvlm_pacs.jobs.queue import ClaimedJob
 from fvlm_pacs.pipeline import PIPELINE_VERSION
-from fvlm_pacs.service import Parts, build
+from fvlm_pacs.service import Parts
 from fvlm_pacs.studies.completion import CompletionSweep
 from fvlm_pacs.synthetic import SeriesSpec, ct_series
+from tests.conftest import client_for
 from tests.helpers import encode
-
-
-def client_for(parts: Parts) -> TestClient:
-    return TestClient(
-        create_app(
-            AppContext(
-                settings=parts.settings,
-                sessions=parts.sessions,
-                intake=parts.intake,
-                queue=parts.queue,
-                metrics=parts.metrics,
-            )
-        )
-    )
-
-
-@pytest.fixture
-def client(parts: Parts) -> Iterator[TestClient]:
-    with client_for(parts) as c:
-        yield c
-
-
-@pytest.fixture
-def make_parts(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Parts]]:
-    built: list[Parts] = []
-
-    def make(**overrides: Any) -> Parts:
-        p = build(
-            load_settings(
-                data_dir=tmp_path / "variant",
-                database_url=database_url,
-                dicom_port=0,
-                http_port=0,
-                **overrides,
-            )
-        )
-        built.append(p)
-        return p
-
-    yield make
-    for p in built:
-        p.engine.dispose()
 
 
 def receive_study(

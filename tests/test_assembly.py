@@ -25,7 +25,9 @@ CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 
 @pytest.fixture(scope="module")
 def rules() -> SeriesRules:
-    return load_series_rules(Path(__file__).resolve().parent.parent / "mappings" / "series_rules.yaml")
+    return load_series_rules(
+        Path(__file__).resolve().parent.parent / "mappings" / "series_rules.yaml"
+    )
 
 
 def ramp(k: int, rows: int, cols: int) -> np.ndarray:
@@ -35,7 +37,9 @@ def ramp(k: int, rows: int, cols: int) -> np.ndarray:
     return (-1000 + 2 * ((k * 53 + yy * 7 + xx) % 1000)).astype(float)
 
 
-def rotated_orientation(z_deg: float, x_deg: float) -> tuple[float, float, float, float, float, float]:
+def rotated_orientation(
+    z_deg: float, x_deg: float
+) -> tuple[float, float, float, float, float, float]:
     """Row/column cosines of Rz(z_deg)·Rx(x_deg): the slice normal is x_deg away from the z axis."""
     cz, sz = math.cos(math.radians(z_deg)), math.sin(math.radians(z_deg))
     cx, sx = math.cos(math.radians(x_deg)), math.sin(math.radians(x_deg))
@@ -77,17 +81,28 @@ def assert_volume_matches_dicom(volume: Volume, datasets: Sequence[Dataset]) -> 
 def test_choose_axial_over_localizer_thick_and_five_mm(rules: SeriesRules) -> None:
     study = generate_uid()
     thin = series(study, n_slices=40, slice_thickness=1.0, slice_spacing=1.0)
-    scout = series(study, n_slices=2, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=CORONAL,
-                   series_description="Topogram 0.6 T20s")
-    thick = series(study, n_slices=30, slice_thickness=8.0, slice_spacing=8.0, series_description="Chest 8 mm")
-    five = series(study, n_slices=25, slice_thickness=5.0, slice_spacing=5.0, series_description="Chest 5 mm")
+    scout = series(
+        study,
+        n_slices=2,
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        orientation=CORONAL,
+        series_description="Topogram 0.6 T20s",
+    )
+    thick = series(
+        study, n_slices=30, slice_thickness=8.0, slice_spacing=8.0, series_description="Chest 8 mm"
+    )
+    five = series(
+        study, n_slices=25, slice_thickness=5.0, slice_spacing=5.0, series_description="Chest 5 mm"
+    )
     headers = thin + scout + thick + five
     random.Random(1).shuffle(headers)
 
     choice = choose_series(headers, rules)
 
-    uid = {name: s[0].SeriesInstanceUID for name, s in
-           {"thin": thin, "scout": scout, "thick": thick, "five": five}.items()}
+    uid = {
+        name: s[0].SeriesInstanceUID
+        for name, s in {"thin": thin, "scout": scout, "thick": thick, "five": five}.items()
+    }
     assert choice.chosen_series_uid == uid["thin"]
     assert choice.ranking == [uid["thin"], uid["five"]]
     assert set(choice.reasons) == set(uid.values())
@@ -113,7 +128,9 @@ def test_tilt_within_limit_accepted_beyond_rejected(rules: SeriesRules) -> None:
     too_much = series(orientation=rotated_orientation(0, 12))
     choice = choose_series(ok + too_much, rules)
     assert choice.chosen_series_uid == ok[0].SeriesInstanceUID
-    assert choice.reasons[too_much[0].SeriesInstanceUID] == ["rejected: orientation 12.0° from axial (max 10°)"]
+    assert choice.reasons[too_much[0].SeriesInstanceUID] == [
+        "rejected: orientation 12.0° from axial (max 10°)"
+    ]
 
 
 def test_enhanced_ct_is_rejected_with_a_clear_reason(rules: SeriesRules) -> None:
@@ -160,7 +177,9 @@ def test_order_comes_from_positions_not_arrival_or_instance_number() -> None:
         assert warnings == []
 
     z = [float(ds.ImagePositionPatient[2]) for ds in ordered]
-    assert reference.source_instances == tuple(ds.SOPInstanceUID for ds in ordered)  # synthetic stacks +z
+    assert reference.source_instances == tuple(
+        ds.SOPInstanceUID for ds in ordered
+    )  # synthetic stacks +z
     assert z == sorted(z)
     expected = np.stack([ramp(k, 64, 64) for k in range(30)]).astype(np.float32)
     np.testing.assert_array_equal(reference.array, expected)
@@ -187,8 +206,16 @@ def test_rescale_slope_and_intercept_give_hu() -> None:
     ids=["axial", "tilted-8deg", "stacked-minus-z"],
 )
 def test_affine_maps_indices_to_dicom_positions(orientation: tuple[float, ...]) -> None:
-    datasets = series(n_slices=24, rows=32, columns=48, pixel_spacing=(0.7, 0.9), slice_thickness=1.5,
-                      slice_spacing=1.5, orientation=orientation, origin=(10.0, -20.0, 30.0))
+    datasets = series(
+        n_slices=24,
+        rows=32,
+        columns=48,
+        pixel_spacing=(0.7, 0.9),
+        slice_thickness=1.5,
+        slice_spacing=1.5,
+        orientation=orientation,
+        origin=(10.0, -20.0, 30.0),
+    )
     random.Random(5).shuffle(datasets)
     volume, warnings = assemble_series(datasets)
     assert warnings == []
@@ -198,14 +225,18 @@ def test_affine_maps_indices_to_dicom_positions(orientation: tuple[float, ...]) 
     np.testing.assert_allclose(volume.affine[:3, 0], normal * 1.5, atol=1e-4)
     # source_instances run along the slice normal
     by_sop = {ds.SOPInstanceUID: ds for ds in datasets}
-    along = [float(np.dot(np.array(by_sop[s].ImagePositionPatient, dtype=float), normal))
-             for s in volume.source_instances]
+    along = [
+        float(np.dot(np.array(by_sop[s].ImagePositionPatient, dtype=float), normal))
+        for s in volume.source_instances
+    ]
     assert along == sorted(along)
 
 
 def test_slices_thinner_than_their_spacing_are_reported() -> None:
     _, warnings = assemble_series(series(n_slices=20, slice_thickness=1.0, slice_spacing=1.5))
-    assert warnings == ["slices are 1 mm thick but 1.5 mm apart: tissue between slices is not imaged"]
+    assert warnings == [
+        "slices are 1 mm thick but 1.5 mm apart: tissue between slices is not imaged"
+    ]
 
 
 def test_minus_z_stack_runs_head_to_feet() -> None:
@@ -221,7 +252,10 @@ def test_minus_z_stack_runs_head_to_feet() -> None:
 def test_missing_slice_is_a_geometry_error_naming_the_gap() -> None:
     datasets = series(n_slices=30)
     del datasets[10]
-    with pytest.raises(GeometryError, match=r"1 missing slice\(s\) in a 1\.000 mm grid: 1 missing between -91\.00 and -89\.00 mm"):
+    with pytest.raises(
+        GeometryError,
+        match=r"1 missing slice\(s\) in a 1\.000 mm grid: 1 missing between -91\.00 and -89\.00 mm",
+    ):
         assemble_series(datasets)
     del datasets[20:23]  # a second gap of three
     with pytest.raises(GeometryError, match=r"4 missing slice\(s\).*; 3 missing between"):
@@ -233,7 +267,9 @@ def test_inconsistent_rows() -> None:
     odd = datasets[4]
     odd.Rows = 32
     odd.PixelData = np.zeros((32, 64), dtype=np.int16).tobytes()
-    with pytest.raises(GeometryError, match=f"inconsistent Rows/Columns — instance {odd.SOPInstanceUID} is 32×64"):
+    with pytest.raises(
+        GeometryError, match=f"inconsistent Rows/Columns — instance {odd.SOPInstanceUID} is 32×64"
+    ):
         assemble_series(datasets)
 
 
@@ -248,7 +284,9 @@ def test_irregular_spacing() -> None:
     datasets = series(n_slices=20)
     pos = [float(v) for v in datasets[8].ImagePositionPatient]
     datasets[8].ImagePositionPatient = [pos[0], pos[1], pos[2] + 0.4]
-    with pytest.raises(GeometryError, match=r"irregular slice spacing \(nominal 1\.000 mm\): step 1\.400 mm"):
+    with pytest.raises(
+        GeometryError, match=r"irregular slice spacing \(nominal 1\.000 mm\): step 1\.400 mm"
+    ):
         assemble_series(datasets)
 
 
@@ -293,7 +331,9 @@ def test_mixed_series_refused() -> None:
 def test_assemble_study_from_files(tmp_path: Path, rules: SeriesRules) -> None:
     study = generate_uid()
     thin = series(study, n_slices=30)
-    scout = series(study, n_slices=2, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=CORONAL)
+    scout = series(
+        study, n_slices=2, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=CORONAL
+    )
     paths = write_series(thin, tmp_path / "a") + write_series(scout, tmp_path / "b")
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom at all")
@@ -312,7 +352,9 @@ def test_assemble_study_from_files(tmp_path: Path, rules: SeriesRules) -> None:
     assert volume.source_instances == tuple(ds.SOPInstanceUID for ds in thin)
 
 
-def test_assemble_study_falls_back_when_best_series_has_a_gap(tmp_path: Path, rules: SeriesRules) -> None:
+def test_assemble_study_falls_back_when_best_series_has_a_gap(
+    tmp_path: Path, rules: SeriesRules
+) -> None:
     study = generate_uid()
     gappy = series(study, n_slices=40)
     del gappy[15]
@@ -325,13 +367,18 @@ def test_assemble_study_falls_back_when_best_series_has_a_gap(tmp_path: Path, ru
     assert choice.ranking == [g_uid, f_uid]
     assert choice.chosen_series_uid == f_uid
     assert volume.series_instance_uid == f_uid
-    assert any(r.startswith("rejected at assembly:") and "1 missing slice" in r for r in choice.reasons[g_uid])
+    assert any(
+        r.startswith("rejected at assembly:") and "1 missing slice" in r
+        for r in choice.reasons[g_uid]
+    )
     assert len(warnings) == 1 and "1 missing between" in warnings[0] and g_uid in warnings[0]
 
 
 def test_no_usable_series_names_every_reason(tmp_path: Path, rules: SeriesRules) -> None:
     study = generate_uid()
-    scout = series(study, n_slices=2, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=CORONAL)
+    scout = series(
+        study, n_slices=2, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=CORONAL
+    )
     thick = series(study, n_slices=30, slice_thickness=8.0, slice_spacing=8.0)
     paths = write_series(scout, tmp_path / "s") + write_series(thick, tmp_path / "t")
 
@@ -339,7 +386,9 @@ def test_no_usable_series_names_every_reason(tmp_path: Path, rules: SeriesRules)
         assemble_study(paths, rules)
     message = str(info.value)
     assert scout[0].SeriesInstanceUID in message and "ImageType contains LOCALIZER" in message
-    assert thick[0].SeriesInstanceUID in message and "SliceThickness 8.0 outside 0.5–5.0 mm" in message
+    assert (
+        thick[0].SeriesInstanceUID in message and "SliceThickness 8.0 outside 0.5–5.0 mm" in message
+    )
     assert "SYNTH0001" not in message and "Phantom" not in message  # no PHI
     assert info.value.retryable is False
 
@@ -347,5 +396,7 @@ def test_no_usable_series_names_every_reason(tmp_path: Path, rules: SeriesRules)
 def test_no_readable_files_is_no_usable_series(tmp_path: Path, rules: SeriesRules) -> None:
     junk = tmp_path / "x.dcm"
     junk.write_bytes(b"\x00" * 10)
-    with pytest.raises(NoUsableSeries, match=r"1 file\(s\) skipped as unreadable.*no readable instances"):
+    with pytest.raises(
+        NoUsableSeries, match=r"1 file\(s\) skipped as unreadable.*no readable instances"
+    ):
         assemble_study([junk], rules)

@@ -28,7 +28,9 @@ def sweep_at(parts: Parts, offset_s: float) -> CompletionSweep:
 
 def jobs(parts: Parts, study_uid: str) -> list[Job]:
     with parts.sessions() as s:
-        return list(s.scalars(select(Job).where(Job.study_instance_uid == study_uid).order_by(Job.id)))
+        return list(
+            s.scalars(select(Job).where(Job.study_instance_uid == study_uid).order_by(Job.id))
+        )
 
 
 def test_idle_study_gets_one_job(parts: Parts) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from fvlm_pacs.cli import main
 from fvlm_pacs.config import DimseDestination, load_settings
@@ -34,13 +35,15 @@ def test_precedence_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert s.ae_title == "FROM_FLAG"  # flag beats env
     assert s.stable_seconds == 5
     assert s.destinations == (
-        DimseDestination(name="pacs", kind="dimse", host="127.0.0.1", port=4242, ae_title="ORTHANC"),
+        DimseDestination(
+            name="pacs", kind="dimse", host="127.0.0.1", port=4242, ae_title="ORTHANC"
+        ),
     )
 
 
 def test_settings_are_frozen() -> None:
     s = load_settings()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         s.dicom_port = 1  # type: ignore[misc]
 
 

@@ -111,8 +111,12 @@ def test_garbage_is_refused(parts: Parts) -> None:
 
 @pytest.mark.parametrize(
     ("keyword", "value", "status"),
-    [("SOPInstanceUID", None, 0xC001), ("SOPInstanceUID", "1.2.3/../../4", 0xC002),
-     ("StudyInstanceUID", "../../etc", 0xC002), ("SeriesInstanceUID", "", 0xC001)],
+    [
+        ("SOPInstanceUID", None, 0xC001),
+        ("SOPInstanceUID", "1.2.3/../../4", 0xC002),
+        ("StudyInstanceUID", "../../etc", 0xC002),
+        ("SeriesInstanceUID", "", 0xC001),
+    ],
 )
 def test_bad_uids_are_refused(parts: Parts, keyword: str, value: str | None, status: int) -> None:
     ds = ct_series(SeriesSpec(n_slices=1))[0]

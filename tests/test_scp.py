@@ -21,14 +21,6 @@ from fvlm_pacs.synthetic import SeriesSpec, ct_series, write_series
 from tests.helpers import c_store, require_tool, storescu, wait_until
 
 
-@pytest.fixture
-def scp(parts: Parts) -> Iterator[StorageSCP]:
-    server = StorageSCP(parts.settings, parts.intake, parts.sessions, parts.metrics)
-    server.start()
-    yield server
-    server.stop(grace_seconds=2)
-
-
 def instance_count(parts: Parts) -> int:
     with parts.sessions() as s:
         return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
@@ -130,7 +122,15 @@ def test_unknown_calling_ae_is_rejected(restricted: StorageSCP, parts: Parts) ->
 def test_dcmtk_sees_rejection(restricted: StorageSCP) -> None:
     require_tool("echoscu")
     proc = subprocess.run(
-        ["echoscu", "-aet", "EVIL_SCU", "-aec", "FVLM_PACS", "127.0.0.1", str(restricted.address[1])],
+        [
+            "echoscu",
+            "-aet",
+            "EVIL_SCU",
+            "-aec",
+            "FVLM_PACS",
+            "127.0.0.1",
+            str(restricted.address[1]),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

@@ -28,16 +28,62 @@ def _cert(folder: Path, name: str, ca: tuple[Path, Path] | None = None) -> tuple
     key, crt = folder / f"{name}.key", folder / f"{name}.crt"
     subj = ["-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1"]
     if ca is None:
-        cmd = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-               "-keyout", str(key), "-out", str(crt), *subj]
+        cmd = [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+            *subj,
+        ]
         subprocess.run(cmd, check=True, capture_output=True)
         return key, crt
     csr = folder / f"{name}.csr"
-    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(csr), *subj], check=True, capture_output=True)
-    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[1]), "-CAkey",
-                    str(ca[0]), "-CAcreateserial", "-days", "1", "-out", str(crt), "-copy_extensions",
-                    "copy"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+            *subj,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca[1]),
+            "-CAkey",
+            str(ca[0]),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            str(crt),
+            "-copy_extensions",
+            "copy",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return key, crt
 
 
@@ -48,8 +94,9 @@ def tls_scp(parts: Parts, tmp_path: Path) -> Iterator[tuple[StorageSCP, Path, tu
     server_key, server_crt = _cert(tmp_path, "fvlm", ca)
     client = _cert(tmp_path, "client", ca)
     settings = parts.settings.model_copy(
-        update={"tls": TlsSettings(cert=server_crt, key=server_key, ca=ca[1],
-                                   require_client_cert=True)}
+        update={
+            "tls": TlsSettings(cert=server_crt, key=server_key, ca=ca[1], require_client_cert=True)
+        }
     )
     server = StorageSCP(settings, parts.intake, parts.sessions, parts.metrics)
     server.start()
@@ -64,8 +111,9 @@ def _store_over_tls(
     ctx.load_cert_chain(str(client[1]), str(client[0]))
     ae = AE(ae_title="TLS_SCU")
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", server.address[1], ae_title="FVLM_PACS",
-                         tls_args=(ctx, "127.0.0.1"))
+    assoc = ae.associate(
+        "127.0.0.1", server.address[1], ae_title="FVLM_PACS", tls_args=(ctx, "127.0.0.1")
+    )
     assert assoc.is_established
     ds = ct_series(SeriesSpec(n_slices=1))[0]
     assert assoc.send_c_store(ds).Status == 0
@@ -91,21 +139,14 @@ def test_tls_refuses_plain_and_certificateless_peers(
     ae.network_timeout = 5
     assert not ae.associate("127.0.0.1", server.address[1], ae_title="FVLM_PACS").is_established
     no_cert = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_crt))
-    assoc = ae.associate("127.0.0.1", server.address[1], ae_title="FVLM_PACS",
-                         tls_args=(no_cert, "127.0.0.1"))
+    assoc = ae.associate(
+        "127.0.0.1", server.address[1], ae_title="FVLM_PACS", tls_args=(no_cert, "127.0.0.1")
+    )
     # TLS 1.3 may report a missing client certificate only after the handshake: then the
     # association never gets established either way
     assert not assoc.is_established
     # and the server still serves a proper client afterwards
     _store_over_tls(server, ca_crt, client, parts)
-
-
-@pytest.fixture
-def scp(parts: Parts) -> Iterator[StorageSCP]:
-    server = StorageSCP(parts.settings, parts.intake, parts.sessions, parts.metrics)
-    server.start()
-    yield server
-    server.stop(grace_seconds=2)
 
 
 @pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "j2k"])

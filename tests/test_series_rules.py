@@ -61,24 +61,47 @@ def test_shipped_rules_load_with_expected_content(monkeypatch: pytest.MonkeyPatc
     assert mappings_dir() == REPO_MAPPINGS
     rules = load_series_rules()
     kinds = [type(c) for c in rules.condition.conditions]
-    assert AttributeCondition in kinds and OrientationCondition in kinds and MinInstancesCondition in kinds
+    assert (
+        AttributeCondition in kinds
+        and OrientationCondition in kinds
+        and MinInstancesCondition in kinds
+    )
     [orientation] = [c for c in rules.condition.conditions if isinstance(c, OrientationCondition)]
     assert (orientation.plane, orientation.max_angle_degrees) == ("axial", 10.0)
     [thickness] = [
-        c for c in rules.condition.conditions if isinstance(c, AttributeCondition) and c.attribute == "SliceThickness"
+        c
+        for c in rules.condition.conditions
+        if isinstance(c, AttributeCondition) and c.attribute == "SliceThickness"
     ]
     assert (thickness.min, thickness.max) == (0.5, 5.0)
-    assert [(p.direction, p.key) for p in rules.prefer] == [("most", "instances"), ("least", "SliceThickness")]
+    assert [(p.direction, p.key) for p in rules.prefer] == [
+        ("most", "instances"),
+        ("least", "SliceThickness"),
+    ]
     assert {"Modality", "ImageType", "SliceThickness", "SeriesDescription"} <= rules.attributes
 
 
 def test_shipped_rules_verdicts() -> None:
     rules = load_series_rules(REPO_MAPPINGS / "series_rules.yaml")
-    good = Facts({"Modality": "CT", "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL"), "SliceThickness": 1.0,
-                  "SeriesDescription": "Thorax 1.0 Br40"})
+    good = Facts(
+        {
+            "Modality": "CT",
+            "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL"),
+            "SliceThickness": 1.0,
+            "SeriesDescription": "Thorax 1.0 Br40",
+        }
+    )
     assert rules.evaluate(good).ok
-    scout = Facts({"Modality": "CT", "ImageType": ("ORIGINAL", "PRIMARY", "LOCALIZER"), "SliceThickness": 1.0,
-                   "SeriesDescription": "Topogram 0.6 T20s"}, n=2, normal=(0.0, 1.0, 0.0))
+    scout = Facts(
+        {
+            "Modality": "CT",
+            "ImageType": ("ORIGINAL", "PRIMARY", "LOCALIZER"),
+            "SliceThickness": 1.0,
+            "SeriesDescription": "Topogram 0.6 T20s",
+        },
+        n=2,
+        normal=(0.0, 1.0, 0.0),
+    )
     verdict = rules.evaluate(scout)
     assert not verdict.ok
     assert set(verdict.notes) == {
@@ -87,13 +110,26 @@ def test_shipped_rules_verdicts() -> None:
         "SeriesDescription matches excluded pattern at 'Topogram'",
         "2 instances, fewer than 20",
     }
-    derived = Facts({"Modality": "CT", "ImageType": ("DERIVED", "SECONDARY", "AXIAL"), "SliceThickness": 3.0})
-    assert rules.evaluate(derived).notes == ("ImageType lacks ORIGINAL, PRIMARY", "ImageType contains DERIVED, SECONDARY")
-    dose = Facts({"Modality": "CT", "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL"), "SliceThickness": 1.0,
-                  "SeriesDescription": "Dose Report"})
+    derived = Facts(
+        {"Modality": "CT", "ImageType": ("DERIVED", "SECONDARY", "AXIAL"), "SliceThickness": 3.0}
+    )
+    assert rules.evaluate(derived).notes == (
+        "ImageType lacks ORIGINAL, PRIMARY",
+        "ImageType contains DERIVED, SECONDARY",
+    )
+    dose = Facts(
+        {
+            "Modality": "CT",
+            "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL"),
+            "SliceThickness": 1.0,
+            "SeriesDescription": "Dose Report",
+        }
+    )
     assert not rules.evaluate(dose).ok
     no_thickness = Facts({"Modality": "CT", "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL")})
-    assert rules.evaluate(no_thickness).notes == ("SliceThickness missing (must be within 0.5–5.0 mm)",)
+    assert rules.evaluate(no_thickness).notes == (
+        "SliceThickness missing (must be within 0.5–5.0 mm)",
+    )
 
 
 def test_mappings_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,29 +147,55 @@ def test_mappings_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("all:\n  - attribute: ImageType\n    contains_al: [ORIGINAL]\n", r"all\[0\]\.contains_al.*unknown condition key 'contains_al'"),
+        (
+            "all:\n  - attribute: ImageType\n    contains_al: [ORIGINAL]\n",
+            r"all\[0\]\.contains_al.*unknown condition key 'contains_al'",
+        ),
         ("all:\n  - contains_al: [ORIGINAL]\n", r"all\[0\]\.contains_al"),
         ("all:\n  - min_instances: 3\nprefered: []\n", r"unknown top-level key 'prefered'"),
-        ("all:\n  - attribute: ImageTyp\n    contains_all: [ORIGINAL]\n", r"all\[0\]\.attribute: 'ImageTyp' is not a DICOM keyword"),
-        ("all:\n  - attribute: SeriesDescription\n    matches: '(scout'\n", r"all\[0\]\.matches: invalid regular expression"),
+        (
+            "all:\n  - attribute: ImageTyp\n    contains_all: [ORIGINAL]\n",
+            r"all\[0\]\.attribute: 'ImageTyp' is not a DICOM keyword",
+        ),
+        (
+            "all:\n  - attribute: SeriesDescription\n    matches: '(scout'\n",
+            r"all\[0\]\.matches: invalid regular expression",
+        ),
         ("all:\n  - attribute: SliceThickness\n    min: 5\n    max: 1\n", r"all\[0\]\.min"),
-        ("all:\n  - attribute: SliceThickness\n    min: thin\n", r"all\[0\]\.min: must be a number"),
+        (
+            "all:\n  - attribute: SliceThickness\n    min: thin\n",
+            r"all\[0\]\.min: must be a number",
+        ),
         ("all:\n  - orientation: oblique\n    max_angle_degrees: 5\n", r"all\[0\]\.orientation"),
         ("all:\n  - orientation: axial\n", r"all\[0\]\.max_angle_degrees: required"),
-        ("all:\n  - any:\n    - attribute: Modality\n      inn: [CT]\n", r"all\[0\]\.any\[0\]\.inn"),
+        (
+            "all:\n  - any:\n    - attribute: Modality\n      inn: [CT]\n",
+            r"all\[0\]\.any\[0\]\.inn",
+        ),
         ("all:\n  - not:\n      min_instance: 3\n", r"all\[0\]\.not\.min_instance"),
         ("all:\n  - any: CT\n", r"all\[0\]\.any: 'any:' needs a non-empty list"),
         ("all:\n  - min_instances: 0\n", r"all\[0\]\.min_instances: must be a positive integer"),
         ("all:\n  - attribute: Modality\n", r"all\[0\]: condition on Modality has no test"),
-        ("all:\n  - attribute: Modality\n    in: [CT]\n    if_missing: maybe\n", r"all\[0\]\.if_missing"),
-        ("all:\n  - min_instances: 3\nprefer:\n  - fewest: instances\n", r"prefer\[0\]\.fewest: unknown preference"),
-        ("all:\n  - min_instances: 3\nprefer:\n  - least: Thickness\n", r"prefer\[0\]\.least: 'Thickness'"),
+        (
+            "all:\n  - attribute: Modality\n    in: [CT]\n    if_missing: maybe\n",
+            r"all\[0\]\.if_missing",
+        ),
+        (
+            "all:\n  - min_instances: 3\nprefer:\n  - fewest: instances\n",
+            r"prefer\[0\]\.fewest: unknown preference",
+        ),
+        (
+            "all:\n  - min_instances: 3\nprefer:\n  - least: Thickness\n",
+            r"prefer\[0\]\.least: 'Thickness'",
+        ),
         ("prefer: []\n", r"missing top-level key 'all'"),
         ("- min_instances: 3\n", r"top level must be a mapping"),
         ("all: [\n", r"not valid YAML"),
     ],
 )
-def test_bad_rules_raise_config_error_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
+def test_bad_rules_raise_config_error_naming_the_key(
+    tmp_path: Path, text: str, expected: str
+) -> None:
     with pytest.raises(ConfigError, match=expected) as info:
         rules_from(text, tmp_path)
     assert "series_rules.yaml" in str(info.value)
@@ -170,20 +232,40 @@ def test_and_or_not_composition(tmp_path: Path) -> None:
     assert isinstance(rules.condition.conditions[1], AnyOf)
     assert isinstance(rules.condition.conditions[2], Not)
 
-    thin = Facts({"Modality": "CT", "SliceThickness": 1.0, "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL")})
+    thin = Facts(
+        {"Modality": "CT", "SliceThickness": 1.0, "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL")}
+    )
     assert rules.evaluate(thin).ok
 
-    thick_lung = Facts({"Modality": "ct", "SliceThickness": 5.0, "SeriesDescription": "LUNG 5mm",
-                        "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL")})
-    assert rules.evaluate(thick_lung).ok  # OR: the description rescues the thick series; 'in' ignores case
+    thick_lung = Facts(
+        {
+            "Modality": "ct",
+            "SliceThickness": 5.0,
+            "SeriesDescription": "LUNG 5mm",
+            "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL"),
+        }
+    )
+    assert rules.evaluate(
+        thick_lung
+    ).ok  # OR: the description rescues the thick series; 'in' ignores case
 
-    thick_body = Facts({"Modality": "CT", "SliceThickness": 5.0, "SeriesDescription": "Body 5mm",
-                        "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL")})
+    thick_body = Facts(
+        {
+            "Modality": "CT",
+            "SliceThickness": 5.0,
+            "SeriesDescription": "Body 5mm",
+            "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL"),
+        }
+    )
     v = rules.evaluate(thick_body)
     assert not v.ok
-    assert v.notes == ("none of: SliceThickness 5.0 above 1.5 mm | SeriesDescription does not match /lung/",)
+    assert v.notes == (
+        "none of: SliceThickness 5.0 above 1.5 mm | SeriesDescription does not match /lung/",
+    )
 
-    scout = Facts({"Modality": "CT", "SliceThickness": 1.0, "ImageType": ("ORIGINAL", "PRIMARY", "localizer")})
+    scout = Facts(
+        {"Modality": "CT", "SliceThickness": 1.0, "ImageType": ("ORIGINAL", "PRIMARY", "localizer")}
+    )
     assert rules.evaluate(scout).notes == ("excluded by not: ImageType contains LOCALIZER",)
 
     mr = Facts({"Modality": "MR", "SliceThickness": 1.0, "ImageType": ("ORIGINAL", "PRIMARY")})
@@ -206,8 +288,12 @@ def test_nested_groups(tmp_path: Path) -> None:
         tmp_path,
     )
     assert rules.evaluate(Facts({"Manufacturer": "Siemens", "SeriesDescription": "Thorax"})).ok
-    assert not rules.evaluate(Facts({"Manufacturer": "Siemens", "SeriesDescription": "Topogram"})).ok
-    assert rules.evaluate(Facts({"Manufacturer": "Siemens", "SeriesDescription": "Topogram"}, n=150)).ok
+    assert not rules.evaluate(
+        Facts({"Manufacturer": "Siemens", "SeriesDescription": "Topogram"})
+    ).ok
+    assert rules.evaluate(
+        Facts({"Manufacturer": "Siemens", "SeriesDescription": "Topogram"}, n=150)
+    ).ok
     assert not rules.evaluate(Facts({"Manufacturer": "GE"})).ok
     assert rules.attributes == {"Manufacturer", "SeriesDescription"}
 
@@ -283,15 +369,34 @@ def _header(series_uid: str, sop: int, **attrs: Any) -> Dataset:
 def test_choose_series_on_hand_made_headers_uses_majority_values(tmp_path: Path) -> None:
     rules = rules_from(COMPOSED, tmp_path)
     thin, lung, body = generate_uid(), generate_uid(), generate_uid()
-    headers = [_header(thin, i, SliceThickness=1.0, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"]) for i in range(30)]
+    headers = [
+        _header(thin, i, SliceThickness=1.0, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])
+        for i in range(30)
+    ]
     # one odd header must not flip the series' verdict
-    headers.append(_header(thin, 99, SliceThickness=9.0, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]))
-    headers += [_header(lung, i, SliceThickness=5.0, SeriesDescription="Lung 5mm", ImageType=["ORIGINAL", "PRIMARY"])
-                for i in range(40)]
-    headers += [_header(body, i, SliceThickness=5.0, SeriesDescription="Body", ImageType=["ORIGINAL", "PRIMARY"])
-                for i in range(50)]
+    headers.append(
+        _header(thin, 99, SliceThickness=9.0, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    )
+    headers += [
+        _header(
+            lung,
+            i,
+            SliceThickness=5.0,
+            SeriesDescription="Lung 5mm",
+            ImageType=["ORIGINAL", "PRIMARY"],
+        )
+        for i in range(40)
+    ]
+    headers += [
+        _header(
+            body, i, SliceThickness=5.0, SeriesDescription="Body", ImageType=["ORIGINAL", "PRIMARY"]
+        )
+        for i in range(50)
+    ]
     choice = choose_series(headers, rules)
     assert choice.ranking == [lung, thin]  # 40 instances beat 31
     assert choice.chosen_series_uid == lung
     assert choice.reasons[thin][0] == "accepted"
-    assert choice.reasons[body] == ["rejected: none of: SliceThickness 5.0 above 1.5 mm | SeriesDescription does not match /lung/"]
+    assert choice.reasons[body] == [
+        "rejected: none of: SliceThickness 5.0 above 1.5 mm | SeriesDescription does not match /lung/"
+    ]

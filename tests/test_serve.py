@@ -126,7 +126,7 @@ def test_sigkill_after_acknowledgement_loses_nothing(tmp_path: Path) -> None:
 def test_two_postgres_workers_never_run_the_same_job(tmp_path: Path, postgres_url: str) -> None:
     settings = load_settings(data_dir=tmp_path / "data", database_url=postgres_url)
     parts = build(settings)
-    for i in range(16):
+    for _ in range(16):
         series = ct_series(SeriesSpec(n_slices=20, rows=32, columns=32))
         for ds in series:
             parts.intake.receive(encode(ds), source="dimse")
@@ -153,6 +153,7 @@ def test_two_postgres_workers_never_run_the_same_job(tmp_path: Path, postgres_ur
         for i in range(2)
     ]
     try:
+
         def all_done() -> bool:
             with parts.sessions() as s:
                 states = [j.state for j in s.scalars(select(Job))]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,13 +16,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, CTImageStorage
 from sqlalchemy import select
 
-from fvlm_pacs.api import AppContext, create_app
-from fvlm_pacs.config import load_settings
 from fvlm_pacs.db import Instance, Job, Series, Study, utcnow
 from fvlm_pacs.pipeline import PIPELINE_VERSION
-from fvlm_pacs.service import Parts, build
+from fvlm_pacs.service import Parts
 from fvlm_pacs.studies.completion import CompletionSweep
 from fvlm_pacs.synthetic import SeriesSpec, ct_series
+from tests.conftest import client_for
 from tests.helpers import encode
 
 BOUNDARY = "fvlm-test-b0undary-5f3c9a"
@@ -60,49 +58,6 @@ def multipart(parts: list[Part], boundary: str = BOUNDARY) -> bytes:
 
 def small_series(n: int = 3, study: str | None = None, **spec: Any) -> list[Dataset]:
     return ct_series(SeriesSpec(n_slices=n, rows=16, columns=16, **spec), study_instance_uid=study)
-
-
-def client_for(parts: Parts) -> TestClient:
-    return TestClient(
-        create_app(
-            AppContext(
-                settings=parts.settings,
-                sessions=parts.sessions,
-                intake=parts.intake,
-                queue=parts.queue,
-                metrics=parts.metrics,
-            )
-        )
-    )
-
-
-@pytest.fixture
-def client(parts: Parts) -> Iterator[TestClient]:
-    with client_for(parts) as c:
-        yield c
-
-
-@pytest.fixture
-def make_parts(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Parts]]:
-    """Parts built from settings with overrides (api_tokens, stow_max_bytes, ...)."""
-    built: list[Parts] = []
-
-    def make(**overrides: Any) -> Parts:
-        settings = load_settings(
-            data_dir=tmp_path / "variant",
-            database_url=database_url,
-            dicom_port=0,
-            http_port=0,
-            stable_seconds=30,
-            **overrides,
-        )
-        p = build(settings)
-        built.append(p)
-        return p
-
-    yield make
-    for p in built:
-        p.engine.dispose()
 
 
 def post(client: TestClient, body: bytes, *, study: str | None = None, **headers: str) -> Any:

@@ -233,7 +233,10 @@ class Intake:
                     "SOP Instance UID in the data set differs from the C-STORE request",
                     status=0xC003,
                 )
-            if expected_study_instance_uid and expected_study_instance_uid != ref.study_instance_uid:
+            if (
+                expected_study_instance_uid
+                and expected_study_instance_uid != ref.study_instance_uid
+            ):
                 raise InvalidInstance("instance belongs to another study than the request names")
             try:
                 stored = self.spool.store(ref, data)

@@ -140,8 +140,6 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     if tls.ca is not None:
         ctx.load_verify_locations(cafile=str(tls.ca))
     ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-    if tls.require_client_cert and tls.ca is None:
-        ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
@@ -172,7 +170,8 @@ class StorageSCP:
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         return ae
 
@@ -184,7 +183,7 @@ class StorageSCP:
             # (0.1 ms of CPU per instance) even when the logger discards them; its documented
             # switch turns them off. Bound per association, so set before any is accepted.
             _config.LOG_HANDLER_LEVEL = "none"
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_closed),

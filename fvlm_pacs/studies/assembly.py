@@ -202,7 +202,9 @@ def choose_series(headers: Sequence[Dataset], rules: SeriesRules) -> SeriesChoic
         else:
             reasons[uid] = [f"rejected: {note}" for note in verdict.notes]
     if orphans:
-        reasons["(no SeriesInstanceUID)"] = [f"rejected: {orphans} instance(s) without SeriesInstanceUID"]
+        reasons["(no SeriesInstanceUID)"] = [
+            f"rejected: {orphans} instance(s) without SeriesInstanceUID"
+        ]
 
     accepted.sort(key=lambda s: (rules.sort_key(s), s.series_uid))
     ranking = [s.series_uid for s in accepted]
@@ -253,13 +255,19 @@ def assemble_series(
 
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series_uids) != 1:
-        raise GeometryError(f"instances belong to {len(series_uids)} series: {', '.join(sorted(series_uids))}")
+        raise GeometryError(
+            f"instances belong to {len(series_uids)} series: {', '.join(sorted(series_uids))}"
+        )
     series_uid = series_uids.pop()
 
     for ds in datasets:
         frames = ds.get("NumberOfFrames")
-        if str(ds.get("SOPClassUID", "")) in _MULTIFRAME_CT or (frames is not None and int(frames) > 1):
-            raise GeometryError(f"series {series_uid}: {_MULTIFRAME_REASON} (instance {ds.get('SOPInstanceUID', '?')})")
+        if str(ds.get("SOPClassUID", "")) in _MULTIFRAME_CT or (
+            frames is not None and int(frames) > 1
+        ):
+            raise GeometryError(
+                f"series {series_uid}: {_MULTIFRAME_REASON} (instance {ds.get('SOPInstanceUID', '?')})"
+            )
 
     # Same instance received twice: keep the first copy.
     unique: dict[str, Dataset] = {}
@@ -389,7 +397,9 @@ def assemble_series(
         try:
             pixels = ds.pixel_array
         except Exception as exc:  # any decoder failure: name the instance, keep the cause
-            raise GeometryError(f"series {series_uid}: cannot decode pixels of instance {sops[k]}: {exc}") from exc
+            raise GeometryError(
+                f"series {series_uid}: cannot decode pixels of instance {sops[k]}: {exc}"
+            ) from exc
         if pixels.shape != (rows0, cols0):
             raise GeometryError(
                 f"series {series_uid}: instance {sops[k]} pixel array is {pixels.shape}, "
@@ -397,14 +407,18 @@ def assemble_series(
             )
         array[k] = apply_modality_lut(pixels, ds)
 
-    voxels = _make_volume(array, positions, row_dir, col_dir, normal, ps0, spacing, for_uid, series_uid)
+    voxels = _make_volume(
+        array, positions, row_dir, col_dir, normal, ps0, spacing, for_uid, series_uid
+    )
 
     study_uid = study_instance_uid or _majority_str(slices, "StudyInstanceUID") or ""
     if not study_uid:
         raise GeometryError(f"series {series_uid}: no StudyInstanceUID")
     others = {str(ds.get("StudyInstanceUID", "")) for ds in slices} - {study_uid}
     if others:
-        warnings.append(f"{len(others)} other StudyInstanceUID(s) found in the series; using {study_uid}")
+        warnings.append(
+            f"{len(others)} other StudyInstanceUID(s) found in the series; using {study_uid}"
+        )
     sop_class = _majority_str(slices, "SOPClassUID") or str(CTImageStorage)
 
     volume = Volume(
@@ -416,7 +430,14 @@ def assemble_series(
     )
     logger.info(
         "assembled series %s: %d×%d×%d, spacing %.4g/%.4g/%.4g mm, %d warning(s)",
-        series_uid, n, rows0, cols0, spacing, ps0[0], ps0[1], len(warnings),
+        series_uid,
+        n,
+        rows0,
+        cols0,
+        spacing,
+        ps0[0],
+        ps0[1],
+        len(warnings),
     )
     for w in warnings:
         logger.warning("series %s: %s", series_uid, w)
@@ -451,12 +472,14 @@ def _check_spacing(series_uid: str, steps: np.ndarray, along: np.ndarray, sops: 
     if irregular:
         raise GeometryError(
             f"series {series_uid}: irregular slice spacing (nominal {nominal:.3f} mm): "
-            + "; ".join(irregular[:3]) + (f"; … {len(irregular) - 3} more" if len(irregular) > 3 else "")
+            + "; ".join(irregular[:3])
+            + (f"; … {len(irregular) - 3} more" if len(irregular) > 3 else "")
         )
     if gaps:
         raise GeometryError(
             f"series {series_uid}: {missing} missing slice(s) in a {nominal:.3f} mm grid: "
-            + "; ".join(gaps[:5]) + (f"; … {len(gaps) - 5} more" if len(gaps) > 5 else "")
+            + "; ".join(gaps[:5])
+            + (f"; … {len(gaps) - 5} more" if len(gaps) > 5 else "")
         )
     # Steps each within tolerance can still drift; the volume's uniform spacing must fit every slice.
     n = along.size
@@ -508,7 +531,9 @@ def _make_volume(
         affine[:3, 3] = positions[0]
         volume = hd.Volume(array, affine, "PATIENT", frame_of_reference_uid=for_uid)
         if not _affine_fits(volume.affine, positions, row_dir, col_dir, pixel_spacing, tol):
-            raise GeometryError(f"series {series_uid}: cannot build an affine that fits the {n} slice positions")
+            raise GeometryError(
+                f"series {series_uid}: cannot build an affine that fits the {n} slice positions"
+            )
     return volume
 
 
@@ -581,7 +606,10 @@ def assemble_study(
     choice = choose_series(headers, rules)
     reasons = {uid: list(why) for uid, why in choice.reasons.items()}
     if choice.chosen_series_uid is None:
-        summary = "; ".join(f"{uid}: {', '.join(why)}" for uid, why in reasons.items()) or "no readable instances"
+        summary = (
+            "; ".join(f"{uid}: {', '.join(why)}" for uid, why in reasons.items())
+            or "no readable instances"
+        )
         skipped = sum(1 for w in warnings if w.startswith("skipped"))
         extra = f" ({skipped} file(s) skipped as unreadable)" if skipped else ""
         raise NoUsableSeries(
@@ -591,15 +619,25 @@ def assemble_study(
 
     failures: list[str] = []
     for uid in choice.ranking:
-        series_paths = [path_of[str(ds.SOPInstanceUID)] for ds in headers if str(ds.get("SeriesInstanceUID", "")) == uid]
+        series_paths = [
+            path_of[str(ds.SOPInstanceUID)]
+            for ds in headers
+            if str(ds.get("SeriesInstanceUID", "")) == uid
+        ]
         datasets: list[Dataset] = []
         for p in series_paths:
             try:
                 datasets.append(pydicom.dcmread(p))
             except OSError as exc:
-                raise TransientPipelineError(f"series {uid}: cannot read {p.name}: {exc.strerror or exc}") from exc
-            except Exception as exc:  # readable header, unreadable body: a broken file in this series
-                raise GeometryError(f"series {uid}: cannot read {p.name}: {type(exc).__name__}: {exc}") from exc
+                raise TransientPipelineError(
+                    f"series {uid}: cannot read {p.name}: {exc.strerror or exc}"
+                ) from exc
+            except (
+                Exception
+            ) as exc:  # readable header, unreadable body: a broken file in this series
+                raise GeometryError(
+                    f"series {uid}: cannot read {p.name}: {type(exc).__name__}: {exc}"
+                ) from exc
         try:
             volume, series_warnings = assemble_series(datasets)
         except GeometryError as exc:

@@ -127,7 +127,10 @@ class CompletionSweep:
                 actor="completion-sweep",
                 study_instance_uid=study_uid,
                 job_id=job_id,
-                detail={"revision": revision, "supersedes_job_id": previous.id if previous else None},
+                detail={
+                    "revision": revision,
+                    "supersedes_job_id": previous.id if previous else None,
+                },
             )
         log.info("study %s revision %d complete: job %d queued", study_uid, revision, job_id)
         if self.metrics:
