@@ -111,18 +111,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fvlm-pacs: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
-    from fvlm_pacs import service  # heavy imports only for the commands that need them
-
-    if args.command == "serve":
-        service.serve(settings)
-    elif args.command == "worker":
-        service.work(settings)
-    elif args.command == "db":
+    if args.command == "db":
         from fvlm_pacs.db import make_engine, upgrade
 
         engine = make_engine(settings.resolved_database_url)
         upgrade(engine)
         print(f"database at head: {engine.url.render_as_string(hide_password=True)}")
+        return 0
+    from fvlm_pacs import service  # heavy imports only for the commands that need them
+
+    try:
+        if args.command == "serve":
+            service.serve(settings)
+        else:
+            service.work(settings)
+    except OSError as exc:  # a port in use, an unwritable data_dir: say so, no traceback
+        print(f"fvlm-pacs: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
