@@ -56,10 +56,10 @@ class Parts:
     pipeline: PipelineContext
 
 
-def build(settings: Settings, *, migrate: bool = True) -> Parts:
+def build(settings: Settings) -> Parts:
+    """Migrate the database and build the parts; every process runs this first."""
     engine = make_engine(settings.resolved_database_url)
-    if migrate:
-        upgrade(engine)
+    upgrade(engine)
     sessions = session_factory(engine)
     spool = FolderSpool(settings.spool_dir)
     metrics = Metrics()
