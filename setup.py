@@ -22,6 +22,11 @@ setup(
         "pynetdicom>=3.0,<4",
         "highdicom>=0.28,<0.30",
         "numpy>=1.26",
+        # fVLM: install torch first (README) so this range finds it and pulls no other build
+        "torch>=2.4,<2.14",
+        "monai>=1.4",
+        "transformers>=4.44",
+        "safetensors>=0.4",
         # decoders for the compressed transfer syntaxes the SCP accepts
         "pylibjpeg>=2.0",
         "pylibjpeg-libjpeg>=2.1",
@@ -40,7 +45,13 @@ setup(
         "prometheus-client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "httpx>=0.27", "requests>=2.31"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "httpx>=0.27",
+            "requests>=2.31",
+            "einops>=0.7",
+        ],
         "dev": ["mypy>=1.10", "ruff>=0.5", "types-PyYAML", "types-requests"],
         "totalseg": ["TotalSegmentator>=2.4"],
     },

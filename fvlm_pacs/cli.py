@@ -1,4 +1,4 @@
-"""Command line: ``fvlm-pacs serve | worker | db upgrade | echo``.
+"""Command line: ``fvlm-pacs serve | worker | db upgrade | echo | mappings check | model import``.
 
 The only module that configures logging. Flags override the environment, which overrides the
 YAML file given with ``--config``.
@@ -60,6 +60,23 @@ def parser() -> argparse.ArgumentParser:
     echo.add_argument("port", type=int)
     echo.add_argument("aet", help="the peer's (called) AE title")
     echo.add_argument("--calling-aet", default="FVLM_PACS")
+    mappings = sub.add_parser("mappings", help="data tables in mappings/")
+    mappings_sub = mappings.add_subparsers(dest="mappings_command", required=True)
+    check = mappings_sub.add_parser("check", help="validate the tables and print a summary")
+    check.add_argument("--dir", type=Path, dest="mappings_dir", help="a mappings/ folder")
+    model = sub.add_parser("model", help="fVLM checkpoints")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    imp = model_sub.add_parser(
+        "import", help="convert the authors' released checkpoint into our format"
+    )
+    imp.add_argument("official", type=Path, help="the released .pth file")
+    imp.add_argument("--text-model", type=Path, required=True, help="local BERT folder")
+    imp.add_argument("--out", type=Path, required=True, help="output model folder")
+    imp.add_argument("--name", default="fvlm-ct-rate")
+    imp.add_argument("--version", default="1")
+    imp.add_argument(
+        "--anatomies", help="comma-separated, index order (default lung,heart,esophagus,aorta)"
+    )
     return p
 
 
@@ -100,11 +117,45 @@ def _echo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mappings_check(directory: Path | None) -> int:
+    """Validate a mappings/ folder without loading settings: a site checks its tables first."""
+    from fvlm_pacs.codes import check_mappings
+
+    try:
+        lines = check_mappings(directory)
+    except ConfigError as exc:
+        print(f"fvlm-pacs: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def _model_import(args: argparse.Namespace) -> int:
+    """Convert and verify a released checkpoint once, so serving never reads the .pth."""
+    from fvlm_pacs.model import CheckpointError, import_official
+
+    anatomies = tuple(a.strip() for a in args.anatomies.split(",")) if args.anatomies else None
+    try:
+        out = import_official(
+            args.official, args.text_model, args.out, args.name, args.version, anatomies
+        )
+    except (CheckpointError, ConfigError, OSError) as exc:
+        print(f"fvlm-pacs: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {args.official} -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "echo":
         _configure_logging("WARNING")
         return _echo(args)
+    if args.command == "mappings":
+        return _mappings_check(args.mappings_dir)
+    if args.command == "model":
+        _configure_logging("INFO")
+        return _model_import(args)
     try:
         settings = _load(args)
     except ConfigError as exc:

@@ -14,10 +14,12 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import yaml
 from pydicom.datadict import tag_for_keyword
 
@@ -688,3 +690,520 @@ def _parse_prefer(body: Any, where: str) -> tuple[PreferKey, ...]:
             )
         out.append(PreferKey(direction=direction, key=key))
     return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Anatomies and findings: mappings/anatomies.yaml, mappings/findings.yaml
+# ---------------------------------------------------------------------------------------------
+
+Verification = Literal["ps3.16", "corroborated", "unverified"]
+"""How a code row was checked (see mappings/README.md): ``ps3.16`` = found with this meaning in
+DICOM PS3.16 as shipped in pydicom; ``corroborated`` = SNOMED CT code seen with this meaning in
+independent public uses, not checked in a SNOMED CT browser; ``unverified`` = still to be checked."""
+
+_VERIFICATIONS: tuple[str, ...] = ("ps3.16", "corroborated", "unverified")
+_SCHEMES = ("SCT", "RADLEX", "DCM")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_PROFILE_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    """A DICOM coded concept (Code Value, Coding Scheme Designator, Code Meaning).
+
+    ``verification`` records how the row was checked; it is provenance, not part of the concept,
+    so it takes no part in equality.
+    """
+
+    value: str
+    scheme: str
+    meaning: str
+    verification: Verification = field(default="unverified", compare=False)
+
+    def __str__(self) -> str:
+        return f"({self.value}, {self.scheme}, {self.meaning!r})"
+
+
+ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure", "ps3.16")
+"""DICOM PS3.16 CID 7150 segmentation category used when a table names none."""
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """One anatomy a checkpoint embeds.
+
+    ``label`` is its value in our anatomy label map and ``label - 1`` its index in the checkpoint
+    (query token, projection head), so the order of a profile is the order of the weights.
+    ``totalsegmentator`` lists the TotalSegmentator v2 ``total`` ids that make it up; ``code``
+    codes it as SEG Segmented Property Type and SR Finding Site.
+    """
+
+    name: str
+    label: int
+    totalsegmentator: tuple[int, ...]
+    code: CodedConcept
+    segmentation_category: CodedConcept = ANATOMICAL_STRUCTURE
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FindingDefinition:
+    """One zero-shot finding: the anatomy embedding it reads, its two prompts, its SR code.
+
+    ``default_threshold`` is the documented uncalibrated default; calibrated per-finding
+    thresholds from ``fvlm-pacs calibrate`` override it (score ranges differ per finding).
+    """
+
+    name: str
+    anatomy: str
+    positive: str
+    negative: str
+    code: CodedConcept
+    default_threshold: float
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class AnatomyTable:
+    """The anatomies of one profile, in label order (= index order of the checkpoint).
+
+    ``known_names`` holds the anatomy names of every profile of the file, so that a finding whose
+    anatomy exists only in another profile is skipped, while a misspelt one is an error.
+    """
+
+    profile: str
+    anatomies: tuple[Anatomy, ...]
+    known_names: frozenset[str] = frozenset()
+    description: str = ""
+    source: str = "<memory>"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.anatomies)
+
+    def by_name(self, name: str) -> Anatomy:
+        """The anatomy called ``name``; ``KeyError`` naming the profile if it has none."""
+        for a in self.anatomies:
+            if a.name == name:
+                return a
+        raise KeyError(f"anatomy {name!r} is not in profile {self.profile!r}")
+
+    def label_of(self, name: str) -> int:
+        return self.by_name(name).label
+
+    @cached_property
+    def _lookup(self) -> np.ndarray:
+        """TotalSegmentator id → our label; index 0 (background) and unlisted ids stay 0."""
+        top = max((i for a in self.anatomies for i in a.totalsegmentator), default=0)
+        dtype = np.uint8 if len(self.anatomies) < 256 else np.uint16
+        lut = np.zeros(top + 1, dtype=dtype)
+        for a in self.anatomies:
+            lut[list(a.totalsegmentator)] = a.label
+        return lut
+
+    def group_totalsegmentator(self, labelmap: np.ndarray) -> np.ndarray:
+        """Map a TotalSegmentator ``total`` label map to our anatomy labels (0 = background).
+
+        One vectorised table look-up; ids this profile does not use (and negative or
+        out-of-range values) become 0. Float label maps (as NIfTI readers often return) are
+        accepted when every value is integral.
+        """
+        arr = np.asarray(labelmap)
+        if arr.dtype.kind == "f":
+            if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+                raise ValueError("TotalSegmentator label map holds non-integer values")
+            arr = arr.astype(np.int64)
+        elif arr.dtype.kind not in "iub":
+            raise ValueError(f"TotalSegmentator label map must be integer, got dtype {arr.dtype}")
+        lut = self._lookup
+        inside = (arr >= 0) & (arr < lut.shape[0])
+        return np.where(inside, lut[np.where(inside, arr, 0)], 0).astype(lut.dtype, copy=False)
+
+
+def _mfail(table: str, where: str, key_path: str, message: str) -> ConfigError:
+    return ConfigError(f"{table} {where}: {key_path}: {message}")
+
+
+def _read_yaml(path: Path, table: str) -> tuple[Any, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{table}: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return yaml.safe_load(text), path.name
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{table} {path.name}: not valid YAML: {exc}") from exc
+
+
+def _check_keys(
+    node: Any,
+    allowed: frozenset[str],
+    required: tuple[str, ...],
+    table: str,
+    where: str,
+    key_path: str,
+) -> Mapping[str, Any]:
+    if not isinstance(node, Mapping):
+        raise _mfail(table, where, key_path, "must be a mapping")
+    unknown = sorted(str(k) for k in node if str(k) not in allowed)
+    if unknown:
+        raise _mfail(
+            table,
+            where,
+            f"{key_path}.{unknown[0]}" if key_path else unknown[0],
+            f"unknown key {unknown[0]!r} (expected {', '.join(sorted(allowed))})",
+        )
+    for key in required:
+        if key not in node:
+            raise _mfail(
+                table, where, f"{key_path}.{key}" if key_path else key, "required key missing"
+            )
+    return node
+
+
+def _check_version(data: Mapping[str, Any], table: str, where: str) -> None:
+    version = data.get("version", 1)
+    if version != 1:
+        raise _mfail(table, where, "version", f"unsupported version {version!r} (expected 1)")
+
+
+def _text(node: Mapping[str, Any], key: str, table: str, where: str, key_path: str) -> str:
+    v = node.get(key, "")
+    if not isinstance(v, str) or not v.strip():
+        raise _mfail(table, where, f"{key_path}.{key}", "must be a non-empty string")
+    return v.strip()
+
+
+_CODE_KEYS = frozenset({"scheme", "value", "meaning", "verified"})
+
+
+def _parse_code(node: Any, table: str, where: str, key_path: str) -> CodedConcept:
+    """A coded concept; values are checked against DICOM's VRs (SH value, LO meaning)."""
+    node = _check_keys(node, _CODE_KEYS, ("scheme", "value", "meaning"), table, where, key_path)
+    scheme = node["scheme"]
+    if scheme not in _SCHEMES:
+        raise _mfail(
+            table,
+            where,
+            f"{key_path}.scheme",
+            f"must be one of {', '.join(_SCHEMES)}, got {scheme!r}",
+        )
+    raw = node["value"]
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise _mfail(table, where, f"{key_path}.value", f"must be a string, got {raw!r}")
+    value = str(raw).strip()
+    if scheme in ("SCT", "DCM") and not re.fullmatch(r"[0-9]{3,18}", value):
+        raise _mfail(
+            table, where, f"{key_path}.value", f"{scheme} code must be digits only, got {value!r}"
+        )
+    if scheme == "RADLEX" and not re.fullmatch(r"RID[0-9]+", value):
+        raise _mfail(
+            table, where, f"{key_path}.value", f"RADLEX code must look like RID1234, got {value!r}"
+        )
+    if not value or len(value) > 16:
+        raise _mfail(table, where, f"{key_path}.value", "must be 1–16 characters (DICOM SH)")
+    meaning = node["meaning"]
+    if not isinstance(meaning, str) or not meaning.strip() or len(meaning) > 64:
+        raise _mfail(
+            table, where, f"{key_path}.meaning", "must be a non-empty string of ≤ 64 characters"
+        )
+    verified = node.get("verified", "unverified")
+    if verified not in _VERIFICATIONS:
+        raise _mfail(
+            table,
+            where,
+            f"{key_path}.verified",
+            f"must be one of {', '.join(_VERIFICATIONS)}, got {verified!r}",
+        )
+    return CodedConcept(value=value, scheme=scheme, meaning=meaning.strip(), verification=verified)
+
+
+_ANATOMY_TOP = frozenset({"version", "segmentation_category", "profiles"})
+_PROFILE_KEYS = frozenset({"description", "anatomies"})
+_ANATOMY_KEYS = frozenset(
+    {"name", "label", "totalsegmentator", "code", "segmentation_category", "note"}
+)
+
+
+def parse_anatomies(data: Any, source: str = "<memory>") -> dict[str, AnatomyTable]:
+    """Validate already-parsed ``anatomies.yaml`` into one :class:`AnatomyTable` per profile."""
+    table = "anatomies"
+    where = Path(source).name if source != "<memory>" else source
+    data = _check_keys(data, _ANATOMY_TOP, ("profiles",), table, where, "")
+    _check_version(data, table, where)
+    category = ANATOMICAL_STRUCTURE
+    if "segmentation_category" in data:
+        category = _parse_code(data["segmentation_category"], table, where, "segmentation_category")
+    profiles = data["profiles"]
+    if not isinstance(profiles, Mapping) or not profiles:
+        raise _mfail(table, where, "profiles", "must be a non-empty mapping of profile → anatomies")
+    parsed: dict[str, tuple[str, list[Anatomy]]] = {}
+    for pname, body in profiles.items():
+        kp = f"profiles.{pname}"
+        if not isinstance(pname, str) or not _PROFILE_RE.match(pname):
+            raise _mfail(table, where, kp, "profile names are lower case letters, digits, - and _")
+        body = _check_keys(body, _PROFILE_KEYS, ("anatomies",), table, where, kp)
+        description = body.get("description", "")
+        if not isinstance(description, str):
+            raise _mfail(table, where, f"{kp}.description", "must be a string")
+        items = body["anatomies"]
+        if not isinstance(items, list) or not items:
+            raise _mfail(table, where, f"{kp}.anatomies", "must be a non-empty list")
+        parsed[pname] = (description, _parse_profile(items, category, where, f"{kp}.anatomies"))
+    known = frozenset(a.name for _, anatomies in parsed.values() for a in anatomies)
+    return {
+        pname: AnatomyTable(
+            profile=pname,
+            anatomies=tuple(sorted(anatomies, key=lambda a: a.label)),
+            known_names=known,
+            description=description,
+            source=source,
+        )
+        for pname, (description, anatomies) in parsed.items()
+    }
+
+
+def _parse_profile(
+    items: list[Any], category: CodedConcept, where: str, key_path: str
+) -> list[Anatomy]:
+    table = "anatomies"
+    out: list[Anatomy] = []
+    owner: dict[int, str] = {}  # TotalSegmentator id → anatomy that claimed it
+    for i, item in enumerate(items):
+        kp = f"{key_path}[{i}]"
+        node = _check_keys(
+            item, _ANATOMY_KEYS, ("name", "label", "totalsegmentator", "code"), table, where, kp
+        )
+        name = node["name"]
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise _mfail(
+                table,
+                where,
+                f"{kp}.name",
+                f"must be lower case letters, digits and _, got {name!r}",
+            )
+        if any(a.name == name for a in out):
+            raise _mfail(table, where, f"{kp}.name", f"duplicate anatomy name {name!r}")
+        label = node["label"]
+        if isinstance(label, bool) or not isinstance(label, int) or label < 1:
+            raise _mfail(table, where, f"{kp}.label", f"must be a positive integer, got {label!r}")
+        clash = next((a.name for a in out if a.label == label), None)
+        if clash is not None:
+            raise _mfail(table, where, f"{kp}.label", f"label {label} already used by {clash!r}")
+        ids = node["totalsegmentator"]
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in ids)
+        ):
+            raise _mfail(
+                table,
+                where,
+                f"{kp}.totalsegmentator",
+                "must be a non-empty list of positive TotalSegmentator label ids",
+            )
+        for x in ids:
+            if x in owner:
+                other = owner[x]
+                msg = (
+                    f"id {x} listed twice"
+                    if other == name
+                    else f"id {x} already belongs to {other!r}"
+                )
+                raise _mfail(table, where, f"{kp}.totalsegmentator", msg)
+            owner[x] = name
+        note = node.get("note", "")
+        if not isinstance(note, str):
+            raise _mfail(table, where, f"{kp}.note", "must be a string")
+        out.append(
+            Anatomy(
+                name=name,
+                label=label,
+                totalsegmentator=tuple(ids),
+                code=_parse_code(node["code"], table, where, f"{kp}.code"),
+                segmentation_category=(
+                    _parse_code(
+                        node["segmentation_category"], table, where, f"{kp}.segmentation_category"
+                    )
+                    if "segmentation_category" in node
+                    else category
+                ),
+                note=note,
+            )
+        )
+    labels = sorted(a.label for a in out)
+    if labels != list(range(1, len(out) + 1)):
+        raise _mfail(
+            table,
+            where,
+            key_path,
+            f"labels must be 1..{len(out)} without gaps, got {', '.join(map(str, labels))}",
+        )
+    return out
+
+
+def load_anatomy_profiles(path: Path | None = None) -> dict[str, AnatomyTable]:
+    """Every profile of ``anatomies.yaml`` (default: the one in :func:`mappings_dir`)."""
+    path = path or mappings_dir() / "anatomies.yaml"
+    data, _ = _read_yaml(path, "anatomies")
+    return parse_anatomies(data, source=str(path))
+
+
+def load_anatomies(profile: str = "ct-rate", path: Path | None = None) -> AnatomyTable:
+    """The anatomies of one profile; :class:`ConfigError` if the file or profile is wrong.
+
+    The whole file is validated, not just the chosen profile, so a broken profile cannot wait in
+    the file until a site switches to it.
+    """
+    tables = load_anatomy_profiles(path)
+    if profile not in tables:
+        where = (path or mappings_dir() / "anatomies.yaml").name
+        raise _mfail(
+            "anatomies",
+            where,
+            f"profiles.{profile}",
+            f"no such profile (have {', '.join(sorted(tables))})",
+        )
+    return tables[profile]
+
+
+_FINDINGS_TOP = frozenset({"version", "default_threshold", "findings"})
+_FINDING_KEYS = frozenset({"name", "anatomy", "positive", "negative", "code", "threshold", "note"})
+
+
+def _threshold(v: Any, table: str, where: str, key_path: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) < 1.0:
+        raise _mfail(
+            table, where, key_path, f"must be a number strictly between 0 and 1, got {v!r}"
+        )
+    return float(v)
+
+
+def parse_findings(
+    data: Any, anatomies: AnatomyTable, source: str = "<memory>"
+) -> tuple[FindingDefinition, ...]:
+    """Validate already-parsed ``findings.yaml``; keep the findings of ``anatomies``' profile.
+
+    Every row is validated, including rows for anatomies of other profiles; an anatomy that no
+    profile knows is an error (a typo must not silently drop a finding).
+    """
+    table = "findings"
+    where = Path(source).name if source != "<memory>" else source
+    data = _check_keys(data, _FINDINGS_TOP, ("default_threshold", "findings"), table, where, "")
+    _check_version(data, table, where)
+    default = _threshold(data["default_threshold"], table, where, "default_threshold")
+    items = data["findings"]
+    if not isinstance(items, list) or not items:
+        raise _mfail(table, where, "findings", "must be a non-empty list")
+    known = anatomies.known_names or frozenset(anatomies.names)
+    seen: set[str] = set()
+    out: list[FindingDefinition] = []
+    for i, item in enumerate(items):
+        kp = f"findings[{i}]"
+        node = _check_keys(
+            item,
+            _FINDING_KEYS,
+            ("name", "anatomy", "positive", "negative", "code"),
+            table,
+            where,
+            kp,
+        )
+        name = node["name"]
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise _mfail(
+                table,
+                where,
+                f"{kp}.name",
+                f"must be lower case letters, digits and _, got {name!r}",
+            )
+        if name in seen:
+            raise _mfail(table, where, f"{kp}.name", f"duplicate finding name {name!r}")
+        seen.add(name)
+        anatomy = node["anatomy"]
+        if anatomy not in known:
+            raise _mfail(
+                table,
+                where,
+                f"{kp}.anatomy",
+                f"unknown anatomy {anatomy!r} (anatomies.yaml has {', '.join(sorted(known))})",
+            )
+        positive = _text(node, "positive", table, where, kp)
+        negative = _text(node, "negative", table, where, kp)
+        if positive.casefold() == negative.casefold():
+            raise _mfail(table, where, f"{kp}.negative", "must differ from the positive prompt")
+        code = _parse_code(node["code"], table, where, f"{kp}.code")
+        threshold = (
+            _threshold(node["threshold"], table, where, f"{kp}.threshold")
+            if "threshold" in node
+            else default
+        )
+        note = node.get("note", "")
+        if not isinstance(note, str):
+            raise _mfail(table, where, f"{kp}.note", "must be a string")
+        if anatomy in anatomies.names:
+            out.append(
+                FindingDefinition(
+                    name=name,
+                    anatomy=anatomy,
+                    positive=positive,
+                    negative=negative,
+                    code=code,
+                    default_threshold=threshold,
+                    note=note,
+                )
+            )
+    return tuple(out)
+
+
+def load_findings(
+    anatomies: AnatomyTable, path: Path | None = None
+) -> tuple[FindingDefinition, ...]:
+    """The findings of ``findings.yaml`` (default: in :func:`mappings_dir`) scored by this profile."""
+    path = path or mappings_dir() / "findings.yaml"
+    data, _ = _read_yaml(path, "findings")
+    return parse_findings(data, anatomies, source=str(path))
+
+
+def check_mappings(directory: Path | None = None) -> list[str]:
+    """Load and validate every table of a ``mappings/`` folder; return a readable summary.
+
+    Raises :class:`ConfigError` on the first problem, so a site can test its own tables before
+    pointing the service at them (``fvlm-pacs mappings check``).
+    """
+    directory = directory or mappings_dir()
+    lines: list[str] = [f"mappings in {directory}"]
+    rules = load_series_rules(directory / "series_rules.yaml")
+    lines.append(
+        f"series_rules.yaml: {len(rules.condition.conditions)} conditions, "
+        f"prefer {', '.join(p.describe() for p in rules.prefer) or '(none)'}"
+    )
+    profiles = load_anatomy_profiles(directory / "anatomies.yaml")
+    findings_path = directory / "findings.yaml"
+    unverified: list[str] = []
+    for pname, t in profiles.items():
+        listing = ", ".join(f"{a.label} {a.name}" for a in t.anatomies)
+        lines.append(f"anatomies.yaml: profile {pname}: {len(t.anatomies)} anatomies ({listing})")
+        unverified += [
+            f"anatomy {pname}/{a.name} {a.code}"
+            for a in t.anatomies
+            if a.code.verification == "unverified"
+        ]
+    seen: set[str] = set()
+    for pname, t in profiles.items():
+        found = load_findings(t, findings_path)
+        thresholds = sorted({f.default_threshold for f in found})
+        shown = ", ".join(f"{x:g}" for x in thresholds) or "-"
+        lines.append(
+            f"findings.yaml: profile {pname}: {len(found)} findings "
+            f"(uncalibrated default threshold {shown})"
+        )
+        for f in found:
+            if f.name not in seen and f.code.verification == "unverified":
+                unverified.append(f"finding {f.name} {f.code}")
+            seen.add(f.name)
+    if unverified:
+        lines.append(f"{len(unverified)} codes still unverified (see mappings/README.md):")
+        lines += [f"  {u}" for u in unverified]
+    else:
+        lines.append("every code has a recorded check")
+    return lines

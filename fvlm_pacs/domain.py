@@ -7,7 +7,7 @@ stored in the job record without leaking PHI.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import highdicom as hd
 import numpy as np
@@ -84,4 +84,55 @@ class SeriesChoice:
             "chosen_series_uid": self.chosen_series_uid,
             "candidates": self.reasons,
             "ranking": self.ranking,
+        }
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Anatomy labels on a volume's voxel grid: same shape and voxel order as ``Volume.array``.
+
+    0 is background, k the k-th name of ``anatomies`` (the model's index order). ``source`` says
+    which segmentation provider made it (e.g. ``"dicom-seg"``), for the job record.
+    """
+
+    array: np.ndarray
+    anatomies: tuple[str, ...]
+    source: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which weights produced a result; stamped into every finding and output object."""
+
+    name: str
+    version: str
+    sha256: str
+
+
+FindingStatus = Literal["present", "absent", "not_assessable"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One scored (anatomy, finding) pair. ``score`` is None when not assessable, never 0."""
+
+    anatomy: str
+    finding: str
+    code_value: str
+    code_scheme: str
+    code_meaning: str
+    score: float | None
+    threshold: float
+    status: FindingStatus
+    model: ModelInfo
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "anatomy": self.anatomy,
+            "finding": self.finding,
+            "code": [self.code_value, self.code_scheme, self.code_meaning],
+            "score": self.score,
+            "threshold": self.threshold,
+            "status": self.status,
+            "model": {"name": self.model.name, "version": self.model.version},
         }

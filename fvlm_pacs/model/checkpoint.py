@@ -1,0 +1,337 @@
+"""Checkpoint formats: ours (safetensors + config.json) and the authors' released ``torch.save``.
+
+Both hold the same key layout (the released one, see :mod:`fvlm_pacs.model.fvlm`), so one strict
+loader serves both:
+
+* **ours** — a directory with ``model.safetensors``, ``config.json`` (format, name, version,
+  anatomies, sha256 of the weights file, the full :class:`ModelConfig`) and the tokenizer files.
+  Self-contained: no other folder is needed, and the sha256 identifies the weights in every output.
+* **released** — a ``torch.save`` file holding ``{"model": state_dict, ...}`` or a bare state dict.
+  It carries no configuration, so ViT dimensions are inferred from tensor shapes and the BERT
+  configuration and tokenizer come from ``text_model_dir`` (a local CXR-BERT folder).
+
+Loading is strict: apart from the three residue keys the release is known to carry
+(:data:`IGNORED_RESIDUE`), any missing or unexpected key, or any shape mismatch, raises
+:class:`CheckpointError` naming the keys — a silently half-loaded model would still produce
+plausible-looking scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ConfigError, FvlmPacsError
+from .config import RELEASED_ANATOMIES, ModelConfig, TextConfig, VisionConfig
+from .fvlm import FvlmModel
+from .text import load_tokenizer, text_config_from_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fvlm_pacs.fvlm"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+#: Keys of the released file that the model does not use (position-id buffer, MLM head).
+IGNORED_RESIDUE: frozenset[str] = frozenset(
+    {
+        "text_encoder.embeddings.position_ids",
+        "text_encoder.cls.predictions.decoder.weight",
+        "text_encoder.cls.predictions.decoder.bias",
+    }
+)
+
+_NOMINAL = VisionConfig()
+
+
+class CheckpointError(FvlmPacsError):
+    """A checkpoint cannot be read or does not fit the model; the message names the keys/file."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, streamed (weights files are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- the released format -------------------------------------------------------------------
+def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a released ``torch.save`` file (``{"model": sd}`` or bare ``sd``).
+
+    ``weights_only=True``: a checkpoint must never be able to run code on the PACS host.
+    """
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad/unsafe file
+        raise CheckpointError(f"official_path: cannot read {path}: {exc}") from exc
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"official_path: {path} holds neither a state dict nor a dict with 'model'"
+        )
+    return {str(k): v for k, v in obj.items()}
+
+
+def infer_vision_config(state: Mapping[str, torch.Tensor]) -> VisionConfig:
+    """ViT dimensions from tensor shapes under ``visual_encoder.``.
+
+    Heads cannot be seen in the weights; ViT convention (head dim 64) gives 12 for ViT-B. The
+    nominal grid can only be recovered when the position embedding has the released size
+    (7·16·11 tokens for patch 16·16·32); otherwise pass ``config``.
+    """
+    p = "visual_encoder."
+    try:
+        conv = state[p + "patch_embedding.patch_embeddings.weight"]
+        pos = state[p + "patch_embedding.position_embeddings"]
+        linear1 = state[p + "blocks.0.mlp.linear1.weight"]
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint lacks {exc.args[0]!r}; cannot infer the ViT") from exc
+    hidden, in_ch = int(conv.shape[0]), int(conv.shape[1])
+    patch = tuple(int(s) for s in conv.shape[2:])
+    blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{p}blocks\.(\d+)\.", k))}
+    layers = max(blocks) + 1
+    n_tokens = int(pos.shape[1])
+    if patch == _NOMINAL.patch_size and n_tokens == prod(_NOMINAL.grid):
+        img_size = _NOMINAL.img_size
+    else:
+        raise CheckpointError(
+            f"position embedding has {n_tokens} tokens for patch {patch}: cannot infer the "
+            "nominal image size; pass config"
+        )
+    levels = _NOMINAL.level_blocks if layers == _NOMINAL.num_layers else _scaled_levels(layers)
+    return VisionConfig(
+        in_channels=in_ch,
+        patch_size=(patch[0], patch[1], patch[2]),
+        img_size=img_size,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=max(1, hidden // 64),
+        mlp_dim=int(linear1.shape[0]),
+        qkv_bias=(p + "blocks.0.attn.qkv.bias") in state,
+        level_blocks=levels,
+    )
+
+
+def prod(values: tuple[int, ...]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _scaled_levels(layers: int) -> tuple[int, ...]:
+    """Blocks 3, 6, 9 of 12 mapped onto a shallower net (only for non-standard checkpoints)."""
+    return tuple(sorted({max(0, min(layers - 1, round(b * layers / 12))) for b in (3, 6, 9)}))
+
+
+def config_for_official(
+    state: Mapping[str, torch.Tensor],
+    text: TextConfig,
+    anatomies: tuple[str, ...] | None,
+) -> ModelConfig:
+    """The :class:`ModelConfig` of a released state dict plus its text-model config."""
+    try:
+        k = int(state["query_tokens"].shape[0])
+        embed_dim = int(state["text_proj.weight"].shape[0])
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint lacks {exc.args[0]!r}") from exc
+    if anatomies is None:
+        if k != len(RELEASED_ANATOMIES):
+            raise ConfigError(
+                f"anatomies: the checkpoint has {k} anatomy queries; name them in index order"
+            )
+        anatomies = RELEASED_ANATOMIES
+    if len(anatomies) != k:
+        raise ConfigError(
+            f"anatomies: {len(anatomies)} names given but the checkpoint has {k} anatomy queries"
+        )
+    return ModelConfig(
+        vision=infer_vision_config(state), text=text, embed_dim=embed_dim, anatomies=anatomies
+    )
+
+
+# -- strict loading --------------------------------------------------------------------------
+def load_state_strict(model: FvlmModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model``: residue keys dropped, anything else must match exactly."""
+    expected = model.state_dict()
+    given = {k: v for k, v in state.items() if k not in IGNORED_RESIDUE}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys: {unexpected}")
+    shapes = [
+        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(given))
+        if tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    if shapes:
+        problems.append(f"shape mismatches: {shapes}")
+    if problems:
+        raise CheckpointError("checkpoint does not fit the model; " + "; ".join(problems))
+    model.load_state_dict(given, strict=True)
+
+
+# -- public entry points -------------------------------------------------------------------
+def load_model(
+    path: str | Path,
+    text_model_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    anatomies: tuple[str, ...] | None = None,
+    config: ModelConfig | None = None,
+) -> FvlmModel:
+    """Load our directory format or the released file; the model comes back in eval mode.
+
+    ``text_model_dir`` is required for the released format (BERT config + tokenizer); for ours it
+    is only a fallback when the directory has no tokenizer files. ``anatomies`` names the
+    released file's anatomy queries (default: the CT-RATE four when it has four); ``config``
+    overrides shape inference for a non-standard released file.
+    """
+    p = Path(path)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if p.is_dir():
+        model = _load_ours(p, text_model_dir)
+    elif p.is_file():
+        model = _load_official(p, text_model_dir, anatomies, config)
+    else:
+        raise CheckpointError(f"path: {p} is neither a checkpoint directory nor a file")
+    model.to(dev).eval()
+    log.info(
+        "loaded fVLM %s %s (sha256 %s, %d anatomies) on %s",
+        model.name,
+        model.version,
+        model.sha256[:12],
+        len(model.anatomies),
+        dev,
+    )
+    return model
+
+
+def _load_official(
+    path: Path,
+    text_model_dir: str | Path | None,
+    anatomies: tuple[str, ...] | None,
+    config: ModelConfig | None,
+) -> FvlmModel:
+    if text_model_dir is None:
+        raise ConfigError(
+            "text_model_dir is required for the released checkpoint format: it gives the BERT "
+            "config.json and tokenizer files (e.g. a local CXR-BERT-specialized folder)"
+        )
+    state = read_official_state_dict(path)
+    if config is None:
+        config = config_for_official(state, text_config_from_dir(text_model_dir), anatomies)
+    model = FvlmModel(config, tokenizer=load_tokenizer(text_model_dir))
+    load_state_strict(model, state)
+    model.name, model.version, model.sha256 = path.stem, "official", sha256_file(path)
+    return model
+
+
+def _load_ours(folder: Path, text_model_dir: str | Path | None) -> FvlmModel:
+    meta = read_meta(folder)
+    config = ModelConfig.from_dict(meta["model"])
+    if tuple(meta.get("anatomies", config.anatomies)) != config.anatomies:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: 'anatomies' disagrees with 'model'")
+    weights = folder / WEIGHTS_FILE
+    digest = sha256_file(weights)
+    if digest != meta.get("sha256"):
+        raise CheckpointError(
+            f"{weights}: sha256 {digest} does not match config.json ({meta.get('sha256')})"
+        )
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()
+    tok_dir = folder if has_tokenizer else text_model_dir
+    tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
+    if tokenizer is None:
+        log.warning("no tokenizer in %s and no text_model_dir: encode_text is unavailable", folder)
+    model = FvlmModel(config, tokenizer=tokenizer)
+    load_state_strict(model, load_file(str(weights), device="cpu"))
+    model.name, model.version, model.sha256 = str(meta["name"]), str(meta["version"]), digest
+    return model
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """``config.json`` of our format, checked for format and required keys."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"path: cannot read {path}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an fvlm_pacs model (format must be {FORMAT!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {meta.get('format_version')} is newer")
+    for key in ("name", "version", "sha256", "model"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: lacks {key!r}")
+    return meta
+
+
+def save_model(model: FvlmModel, out_dir: str | Path, name: str, version: str) -> Path:
+    """Write ``model`` in our format to ``out_dir`` (created); returns the directory.
+
+    The sha256 in config.json is of the safetensors file, so a PACS output can name exactly the
+    weights it came from; the tokenizer is saved alongside so the directory is self-contained.
+    """
+    if not name:
+        raise ConfigError("name must not be empty")
+    if not version:
+        raise ConfigError("version must not be empty")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights = out / WEIGHTS_FILE
+    save_file(tensors, str(weights), metadata={"format": FORMAT, "name": name, "version": version})
+    digest = sha256_file(weights)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "anatomies": list(model.anatomies),
+        "weights": WEIGHTS_FILE,
+        "sha256": digest,
+        "model": model.config.to_dict(),
+    }
+    if model.tokenizer is not None:
+        # Before config.json, so that nothing the tokenizer writes can shadow our file.
+        model.tokenizer.save_pretrained(str(out))
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    model.name, model.version, model.sha256 = name, version, digest
+    log.info("saved fVLM %s %s to %s (sha256 %s)", name, version, out, digest[:12])
+    return out
+
+
+def import_official(
+    official_path: str | Path,
+    text_model_dir: str | Path,
+    out_dir: str | Path,
+    name: str,
+    version: str,
+    anatomies: tuple[str, ...] | list[str] | None = None,
+) -> Path:
+    """Convert a released checkpoint (+ local text-model folder) into our format.
+
+    Used by ``fvlm-pacs model import``. Loads strictly (so a wrong file fails here, not at the
+    first study) and writes ``out_dir``; returns it.
+    """
+    model = load_model(
+        official_path,
+        text_model_dir=text_model_dir,
+        anatomies=tuple(anatomies) if anatomies is not None else None,
+    )
+    return save_model(model, out_dir, name, version)

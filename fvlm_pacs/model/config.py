@@ -1,0 +1,213 @@
+"""Frozen configuration of the fVLM network (image encoder, text encoder, anatomy pooling).
+
+One object describes every dimension the weights depend on, so a checkpoint can carry it in its
+``config.json`` and rebuild the exact network without guessing. ``vit_b()`` is the released
+CT-RATE configuration (FVLM.md); ``tiny()`` is a few-megabyte variant for tests and the demo.
+
+Image axes are (D, H, W) = (slices, rows, columns) throughout: the nominal input (112, 256, 352)
+and the patch (16, 16, 32) apply in that order, giving a 7 x 16 x 11 token grid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Anatomies of the released CT-RATE weights, in index order (mask label - 1).
+RELEASED_ANATOMIES: tuple[str, ...] = ("lung", "heart", "esophagus", "aorta")
+
+
+def _triple(value: Any, name: str) -> tuple[int, int, int]:
+    """Coerce a JSON list to a 3-tuple of positive ints; the error names the field."""
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be three integers, got {value!r}") from exc
+    if len(out) != 3 or any(v <= 0 for v in out):
+        raise ConfigError(f"{name} must be three positive integers, got {value!r}")
+    return (out[0], out[1], out[2])
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """3D ViT in MONAI naming. ``level_blocks`` are the 0-based blocks whose residual stream is
+    exposed as a token level (the final normed output is always the last level)."""
+
+    in_channels: int = 1
+    patch_size: tuple[int, int, int] = (16, 16, 32)
+    img_size: tuple[int, int, int] = (112, 256, 352)
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    qkv_bias: bool = False
+    layer_norm_eps: float = 1e-5
+    level_blocks: tuple[int, ...] = (3, 6, 9)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", _triple(self.patch_size, "vision.patch_size"))
+        object.__setattr__(self, "img_size", _triple(self.img_size, "vision.img_size"))
+        object.__setattr__(self, "level_blocks", tuple(int(b) for b in self.level_blocks))
+        if self.hidden_size <= 0 or self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision.hidden_size ({self.hidden_size}) must be a positive multiple of "
+                f"vision.num_heads ({self.num_heads})"
+            )
+        for img, patch, axis in zip(self.img_size, self.patch_size, "DHW", strict=True):
+            if img % patch:
+                raise ConfigError(
+                    f"vision.img_size along {axis} ({img}) must be a multiple of "
+                    f"vision.patch_size ({patch})"
+                )
+        if any(not 0 <= b < self.num_layers for b in self.level_blocks):
+            raise ConfigError(
+                f"vision.level_blocks {self.level_blocks} must index blocks 0..{self.num_layers - 1}"
+            )
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Nominal token grid (D', H', W') the learned position embedding is stored on."""
+        d, h, w = (i // p for i, p in zip(self.img_size, self.patch_size, strict=True))
+        return (d, h, w)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT text encoder (Hugging Face naming) without token-type embedding and pooler."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    hidden_act: str = "gelu"
+    max_tokens: int = 384
+
+    def __post_init__(self) -> None:
+        if self.hidden_size <= 0 or self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"text.hidden_size ({self.hidden_size}) must be a positive multiple of "
+                f"text.num_heads ({self.num_heads})"
+            )
+        if not 0 < self.max_tokens <= self.max_position_embeddings:
+            raise ConfigError(
+                f"text.max_tokens ({self.max_tokens}) must be in 1..max_position_embeddings "
+                f"({self.max_position_embeddings})"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the fVLM weights depend on. ``anatomies`` are in index order: label k in the
+    label map (1-based) is ``anatomies[k - 1]``."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+    anatomies: tuple[str, ...] = RELEASED_ANATOMIES
+    pool_heads: int = 4
+    pool_dropout: float = 0.1
+    temperature_init: float = 0.07
+    temperature_min: float = 0.001
+    temperature_max: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "anatomies", tuple(str(a) for a in self.anatomies))
+        if not self.anatomies:
+            raise ConfigError("anatomies must name at least one anatomy")
+        if len(set(self.anatomies)) != len(self.anatomies):
+            raise ConfigError(f"anatomies must be unique, got {self.anatomies}")
+        if self.vision.hidden_size % self.pool_heads:
+            raise ConfigError(
+                f"pool_heads ({self.pool_heads}) must divide vision.hidden_size "
+                f"({self.vision.hidden_size})"
+            )
+        if not 0 < self.temperature_min <= self.temperature_max:
+            raise ConfigError("temperature_min must be > 0 and <= temperature_max")
+        if self.embed_dim <= 0:
+            raise ConfigError(f"embed_dim must be positive, got {self.embed_dim}")
+
+    # -- JSON round trip ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error so typos do not pass silently."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config must be an object, got {type(data).__name__}")
+        top = {f.name for f in fields(cls)}
+        unknown = set(data) - top
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k not in ("vision", "text")}
+        if "anatomies" in kwargs:
+            kwargs["anatomies"] = tuple(kwargs["anatomies"])
+        kwargs["vision"] = _sub(VisionConfig, data.get("vision", {}), "vision")
+        kwargs["text"] = _sub(TextConfig, data.get("text", {}), "text")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"model config is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _sub(kind: type[Any], data: Any, name: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name} must be an object, got {type(data).__name__}")
+    known = {f.name for f in fields(kind)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown {name} config keys: {sorted(unknown)}")
+    return kind(**data)
+
+
+def vit_b(anatomies: tuple[str, ...] = RELEASED_ANATOMIES) -> ModelConfig:
+    """The released CT-RATE configuration: ViT-B/3D + BERT-base, 256-d joint space."""
+    return ModelConfig(anatomies=anatomies)
+
+
+def tiny(anatomies: tuple[str, ...] = RELEASED_ANATOMIES, vocab_size: int = 64) -> ModelConfig:
+    """A few-megabyte network with the same key names as ``vit_b()``, for tests and the demo.
+
+    Nominal image (32, 32, 64) with patch (16, 16, 32) gives a 2 x 2 x 2 grid; 4 ViT blocks so
+    that levels after blocks 1, 2, 3 exist (level_blocks are rescaled to the shallower net).
+    """
+    return ModelConfig(
+        vision=VisionConfig(
+            img_size=(32, 32, 64),
+            hidden_size=64,
+            num_layers=4,
+            num_heads=4,
+            mlp_dim=128,
+            level_blocks=(1, 2, 3),
+        ),
+        text=TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            max_tokens=64,
+        ),
+        embed_dim=16,
+        anatomies=anatomies,
+    )

@@ -1,0 +1,127 @@
+"""The fVLM network: image encoder + anatomy pooling + text encoder in one module.
+
+Parameters sit at the top level under the released checkpoint's prefixes (``visual_encoder.*``,
+``text_encoder.*``, ``text_proj.*``, ``vision_projs.{k}.*``, ``query_tokens``, ``attention.*``,
+``temp``), so the released state dict and ours are the same mapping and one strict loader serves
+both formats (see :mod:`fvlm_pacs.model.checkpoint`).
+
+Image axes: ``image`` is [B, 1, D, H, W] with D = slices (z), H = rows, W = columns, values in
+[0, 1] (HU clipped to [-1150, 350] and scaled); the patch (16, 16, 32) applies to (D, H, W).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import ConfigError
+from .anatomy import pool_anatomies, token_selector
+from .config import ModelConfig
+from .text import build_text_encoder, embed_texts
+from .vit import VisionTransformer3D
+
+log = logging.getLogger(__name__)
+
+
+class FvlmModel(nn.Module):
+    """fVLM for inference (and later training). Build with :meth:`from_checkpoint`."""
+
+    def __init__(
+        self, config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        #: Identity of the loaded weights, stamped into outputs (``ModelInfo``); set by loaders.
+        self.name: str = ""
+        self.version: str = ""
+        self.sha256: str = ""
+        v, t = config.vision, config.text
+        k = len(config.anatomies)
+        self.visual_encoder = VisionTransformer3D(v)
+        self.text_encoder = build_text_encoder(t)
+        self.text_proj = nn.Linear(t.hidden_size, config.embed_dim)
+        self.vision_projs = nn.ModuleList(
+            nn.Linear(v.hidden_size, config.embed_dim) for _ in range(k)
+        )
+        self.query_tokens = nn.Parameter(torch.zeros(k, v.hidden_size))
+        self.attention = nn.MultiheadAttention(
+            v.hidden_size, config.pool_heads, dropout=config.pool_dropout, batch_first=True
+        )
+        self.temp = nn.Parameter(torch.tensor(config.temperature_init))
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        text_model_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        *,
+        anatomies: tuple[str, ...] | None = None,
+        config: ModelConfig | None = None,
+    ) -> FvlmModel:
+        """Load our format (a directory) or the authors' ``torch.save`` file; see
+        :func:`fvlm_pacs.model.checkpoint.load_model`. Returns the model in eval mode."""
+        from .checkpoint import load_model
+
+        return load_model(
+            path, text_model_dir=text_model_dir, device=device, anatomies=anatomies, config=config
+        )
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def anatomies(self) -> tuple[str, ...]:
+        """Anatomy names in index order (label k in the label map is ``anatomies[k - 1]``)."""
+        return self.config.anatomies
+
+    @property
+    def temperature(self) -> float:
+        """The learned temperature clamped to [temperature_min, temperature_max], as the release."""
+        c = self.config
+        return float(self.temp.detach().clamp(c.temperature_min, c.temperature_max))
+
+    @property
+    def device(self) -> torch.device:
+        return self.temp.device
+
+    # -- encoders --------------------------------------------------------------------------
+    def encode_anatomies(self, image: torch.Tensor, labelmap: torch.Tensor) -> torch.Tensor:
+        """[B, K, embed_dim] L2-normalised anatomy embeddings; a NaN row where anatomy k is absent.
+
+        ``image`` float [B, 1, D, H, W] in [0, 1]; ``labelmap`` int [B, D, H, W] on the same grid
+        (0 background, k = the k-th anatomy, 1-based). D, H, W must be multiples of the patch.
+        """
+        if labelmap.shape != image.shape[:1] + image.shape[2:]:
+            raise ValueError(
+                f"labelmap {tuple(labelmap.shape)} must match image {tuple(image.shape)} "
+                "without the channel axis"
+            )
+        param = self.temp
+        image = image.to(device=param.device, dtype=self.visual_encoder.norm.weight.dtype)
+        levels, _grid = self.visual_encoder(image)
+        selector = token_selector(
+            labelmap.to(param.device), len(self.anatomies), self.config.vision.patch_size
+        )
+        return pool_anatomies(
+            levels, selector, self.query_tokens, self.attention, self.vision_projs
+        ).float()
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """[N, embed_dim] L2-normalised prompt/report embeddings ([CLS] -> text_proj)."""
+        if self.tokenizer is None:
+            raise ConfigError("text_model_dir: this model was built without a tokenizer")
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not one string")
+        return embed_texts(
+            self.text_encoder,
+            self.text_proj,
+            self.tokenizer,
+            list(texts),
+            self.config.text.max_tokens,
+            self.device,
+        ).float()

@@ -1,0 +1,210 @@
+"""Preprocessing: an HU :class:`~fvlm_pacs.domain.Volume` and its label map → model inputs.
+
+FVLM.md's recipe, with every convention written down because each one moves the scores:
+
+1. **Orientation** — the arrays are re-ordered (permuted and flipped, never resampled) so that
+   axis 0 runs head → feet, axis 1 anterior → posterior (rows), axis 2 right → left (columns):
+   patient orientation ``"FPL"`` in highdicom's terms. The voxel order of the series (feet-first,
+   reversed InstanceNumber, flipped columns) therefore cannot change what the model sees.
+2. **Spacing** — resampled to 3 × 1 × 1 mm along (slice, row, column) = (z, y, x): trilinear for
+   the image, nearest neighbour for the labels (MONAI ``Spacing``).
+3. **Window** — HU clipped to [−1150, 350] and scaled to [0, 1] (MONAI ``ScaleIntensityRange``).
+4. **Context crop** — the union bounding box of all anatomies, plus 5 slices and 20 pixels, then
+   zero-padded at the end to at least (112, 256, 352).
+5. **Anatomy crops** — for each anatomy a crop of at least (112, 288, 352) centred on it (wider
+   when the anatomy is larger, so it is never cut), end-padded to multiples of the patch
+   (16, 16, 32). Other anatomies that touch that crop's border or keep < 90 % of their voxels
+   inside it are zeroed in the crop's label map: the crop cannot score them.
+
+An anatomy absent from the label map (or lost by resampling) is *not assessable* — never a 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ScaleIntensityRange, Spacing
+
+from fvlm_pacs.domain import Volume
+
+log = logging.getLogger(__name__)
+
+MODEL_ORIENTATION = "FPL"
+"""Axis 0 towards the feet, axis 1 towards posterior, axis 2 towards the patient's left."""
+MODEL_SPACING_MM = (3.0, 1.0, 1.0)
+HU_WINDOW = (-1150.0, 350.0)
+CONTEXT_MARGIN = (5, 20, 20)
+CONTEXT_MIN_SHAPE = (112, 256, 352)
+CROP_MIN_SHAPE = (112, 288, 352)
+PATCH = (16, 16, 32)
+MIN_KEPT_FRACTION = 0.9
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """Image and labels on the model's grid, after the context crop.
+
+    ``image`` float32 [D, H, W] in [0, 1]; ``labels`` int16 [D, H, W], 0 = background, k = k-th
+    anatomy. ``voxels`` counts each anatomy's voxels on this grid (index 0 unused), so crops can
+    tell how much of an anatomy they keep.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    voxels: np.ndarray
+
+    def present(self, label: int) -> bool:
+        return bool(self.voxels[label] > 0)
+
+
+@dataclass(frozen=True)
+class AnatomyCrop:
+    """One ViT input: a crop centred on ``label``; ``assessable`` lists the labels it can score."""
+
+    label: int
+    image: np.ndarray
+    labels: np.ndarray
+    assessable: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.image.shape)
+
+
+def _reoriented(volume: hd.Volume) -> hd.Volume:
+    return volume.to_patient_orientation(MODEL_ORIENTATION)
+
+
+def _resampled(array: np.ndarray, affine_lps: np.ndarray, mode: str) -> np.ndarray:
+    """MONAI ``Spacing`` works in RAS; the DICOM affine is LPS."""
+    tensor = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(array))[None],
+        affine=torch.from_numpy(_LPS_TO_RAS @ affine_lps),
+    )
+    spacing = Spacing(pixdim=MODEL_SPACING_MM, mode=mode, padding_mode="zeros")
+    out = spacing(tensor)
+    return np.asarray(out[0].detach().cpu().numpy())
+
+
+def to_model_grid(volume: Volume, labelmap: np.ndarray, n_anatomies: int) -> ModelGrid:
+    """Steps 1–4: orientation, spacing, window, context crop and pad.
+
+    ``labelmap`` is on ``volume``'s grid (same shape, same voxel order).
+    """
+    if labelmap.shape != volume.array.shape:
+        raise ValueError(
+            f"labelmap shape {labelmap.shape} differs from the volume's {volume.array.shape}"
+        )
+    image = _reoriented(volume.voxels)
+    labels = _reoriented(volume.voxels.with_array(labelmap.astype(np.float32)))
+    hu = _resampled(image.array.astype(np.float32), image.affine, "bilinear")
+    lab = np.rint(_resampled(labels.array, labels.affine, "nearest")).astype(np.int16)
+    lab[(lab < 0) | (lab > n_anatomies)] = 0
+    window = ScaleIntensityRange(
+        a_min=HU_WINDOW[0], a_max=HU_WINDOW[1], b_min=0.0, b_max=1.0, clip=True
+    )
+    scaled = np.asarray(window(hu), dtype=np.float32)
+    if lab.any():
+        lo, hi = _bbox(lab > 0)
+        lo = np.maximum(lo - np.array(CONTEXT_MARGIN), 0)
+        hi = np.minimum(hi + np.array(CONTEXT_MARGIN), np.array(lab.shape))
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        scaled, lab = scaled[box], lab[box]
+    scaled = _end_pad(scaled, CONTEXT_MIN_SHAPE)
+    lab = _end_pad(lab, CONTEXT_MIN_SHAPE)
+    voxels = np.bincount(lab.ravel().astype(np.int64), minlength=n_anatomies + 1)
+    return ModelGrid(image=scaled, labels=lab, voxels=voxels[: n_anatomies + 1])
+
+
+def anatomy_crops(grid: ModelGrid) -> list[AnatomyCrop]:
+    """Step 5: one crop per present anatomy."""
+    crops = []
+    n = len(grid.voxels) - 1
+    for label in range(1, n + 1):
+        if not grid.present(label):
+            continue
+        lo, hi = _bbox(grid.labels == label)
+        extent = hi - lo
+        size = np.maximum(extent, np.array(CROP_MIN_SHAPE))
+        start = lo + extent // 2 - size // 2
+        image, labels = (
+            _crop_padded(grid.image, start, size),
+            _crop_padded(grid.labels, start, size),
+        )
+        assessable = [label]
+        for other in range(1, n + 1):
+            if other == label or not grid.present(other):
+                continue
+            inside = labels == other
+            kept = int(inside.sum()) / int(grid.voxels[other])
+            if kept < MIN_KEPT_FRACTION or _touches_border(inside):
+                labels[inside] = 0
+            else:
+                assessable.append(other)
+        target = tuple(-(-s // p) * p for s, p in zip(image.shape, PATCH, strict=True))
+        crops.append(
+            AnatomyCrop(
+                label=label,
+                image=_end_pad(image, target),
+                labels=_end_pad(labels, target),
+                assessable=tuple(sorted(assessable)),
+            )
+        )
+    return crops
+
+
+def group_by_shape(crops: list[AnatomyCrop]) -> list[list[AnatomyCrop]]:
+    """Crops of equal shape, so each group is one batched forward pass."""
+    groups: dict[tuple[int, ...], list[AnatomyCrop]] = {}
+    for crop in crops:
+        groups.setdefault(crop.shape, []).append(crop)
+    return list(groups.values())
+
+
+def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) of the True voxels along each axis."""
+    idx = np.nonzero(mask)
+    lo = np.array([int(i.min()) for i in idx])
+    hi = np.array([int(i.max()) + 1 for i in idx])
+    return lo, hi
+
+
+def _end_pad(array: np.ndarray, min_shape: tuple[int, ...]) -> np.ndarray:
+    pad = [(0, max(0, m - s)) for s, m in zip(array.shape, min_shape, strict=True)]
+    if not any(after for _, after in pad):
+        return array
+    return np.pad(array, pad, mode="constant", constant_values=0)
+
+
+def _crop_padded(array: np.ndarray, start: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """array[start : start + size] with zeros where the window leaves the array."""
+    out = np.zeros(tuple(int(s) for s in size), dtype=array.dtype)
+    src = tuple(
+        slice(max(0, int(a)), min(int(a + s), n))
+        for a, s, n in zip(start, size, array.shape, strict=True)
+    )
+    dst = tuple(
+        slice(sl.start - int(a), sl.stop - int(a)) for sl, a in zip(src, start, strict=True)
+    )
+    out[dst] = array[src]
+    return out
+
+
+def _touches_border(mask: np.ndarray) -> bool:
+    if not mask.any():
+        return False
+    return bool(
+        mask[0].any()
+        or mask[-1].any()
+        or mask[:, 0].any()
+        or mask[:, -1].any()
+        or mask[:, :, 0].any()
+        or mask[:, :, -1].any()
+    )

@@ -1,0 +1,147 @@
+"""3D ViT image encoder with MONAI ``ViT`` parameter names and four exposed token levels.
+
+Why not ``monai.networks.nets.ViT`` itself: its attention block needs ``einops``, its
+``TransformerBlock`` (MONAI >= 1.4) always owns a ``norm_cross_attn`` LayerNorm that the released
+checkpoint (trained with the MONAI 1.3 layout) does not contain, and it neither interpolates the
+position embedding nor exposes the intermediate levels. This module keeps the exact parameter
+names of MONAI 1.3's ViT (no CLS token, ``proj_type="conv"``, learnable position embedding)::
+
+    patch_embedding.patch_embeddings.{weight,bias}   Conv3d, kernel = stride = patch
+    patch_embedding.position_embeddings              (1, N, C) on the nominal grid
+    blocks.N.norm1.{weight,bias}
+    blocks.N.attn.qkv.weight (+ .bias if qkv_bias)   packed as (qkv, head, head_dim)
+    blocks.N.attn.out_proj.{weight,bias}
+    blocks.N.norm2.{weight,bias}
+    blocks.N.mlp.linear1.{weight,bias}, blocks.N.mlp.linear2.{weight,bias}
+    norm.{weight,bias}
+
+and computes the same function (pre-norm blocks, exact GELU, LayerNorm eps 1e-5), using
+``torch.nn.functional.scaled_dot_product_attention`` so GPUs get flash/memory-efficient kernels.
+
+Axes: input ``[B, C, D, H, W]`` with D = slices (z), H = rows, W = columns; the patch
+(16, 16, 32) applies to (D, H, W). Tokens are ordered D-major, then H, then W (the order of
+``Conv3d(...).flatten(2)``), which is also the order the anatomy selector uses.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VisionConfig
+
+log = logging.getLogger(__name__)
+
+
+class PatchEmbedding(nn.Module):
+    """Conv patchify + learned absolute position embedding (MONAI ``PatchEmbeddingBlock``)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.grid = cfg.grid
+        self.patch_embeddings = nn.Conv3d(
+            cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        n = self.grid[0] * self.grid[1] * self.grid[2]
+        self.position_embeddings = nn.Parameter(torch.zeros(1, n, cfg.hidden_size))
+        nn.init.trunc_normal_(self.position_embeddings, std=0.02, a=-2.0, b=2.0)
+
+    def position_embedding_for(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The position embedding on ``grid``: stored as is on the nominal grid, else resampled
+        trilinearly, because crops differ in size from the training input."""
+        pos = self.position_embeddings
+        if tuple(grid) == tuple(self.grid):
+            return pos
+        c = pos.shape[-1]
+        vol = pos.reshape(1, *self.grid, c).permute(0, 4, 1, 2, 3)
+        vol = F.interpolate(vol.float(), size=grid, mode="trilinear", align_corners=False)
+        return vol.permute(0, 2, 3, 4, 1).reshape(1, -1, c).to(pos.dtype)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        x = self.patch_embeddings(x)
+        d, h, w = (int(s) for s in x.shape[2:])
+        tokens = x.flatten(2).transpose(1, 2)
+        return tokens + self.position_embedding_for((d, h, w)), (d, h, w)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with MONAI ``SABlock`` names (``qkv``, ``out_proj``)."""
+
+    def __init__(self, hidden: int, heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, hidden * 3, bias=qkv_bias)
+        self.out_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        # MONAI packs the qkv output as (qkv, head, head_dim): "b h (qkv l d) -> qkv b l h d".
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    """MONAI ``MLPBlock``: linear1 -> exact GELU -> linear2."""
+
+    def __init__(self, hidden: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(hidden, mlp_dim)
+        self.linear2 = nn.Linear(mlp_dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (MONAI ``TransformerBlock`` without cross-attention)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = SelfAttention(cfg.hidden_size, cfg.num_heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg.hidden_size, cfg.mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer3D(nn.Module):
+    """The fVLM image encoder. ``forward`` returns the token levels and the token grid."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = PatchEmbedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, image: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int, int]]:
+        """``image`` [B, C, D, H, W] with each of D, H, W a multiple of the patch size.
+
+        Returns ``([after block l for l in level_blocks] + [final normed output], grid)``; every
+        level is [B, N, hidden] with N = D'·H'·W'.
+        """
+        if image.ndim != 5 or image.shape[1] != self.cfg.in_channels:
+            raise ValueError(
+                f"image must be [B, {self.cfg.in_channels}, D, H, W], got {tuple(image.shape)}"
+            )
+        for size, patch, axis in zip(image.shape[2:], self.cfg.patch_size, "DHW", strict=True):
+            if size % patch:
+                raise ValueError(
+                    f"image size along {axis} ({size}) must be a multiple of the patch size "
+                    f"({patch}); pad the crop first"
+                )
+        x, grid = self.patch_embedding(image)
+        levels: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.cfg.level_blocks:
+                levels.append(x)
+        levels.append(self.norm(x))
+        return levels, grid
