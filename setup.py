@@ -43,6 +43,7 @@ setup(
         "uvicorn>=0.29",
         "python-multipart>=0.0.9",
         "prometheus-client>=0.20",
+        "rich>=13",
     ],
     extras_require={
         "test": [
@@ -53,7 +54,7 @@ setup(
             "einops>=0.7",
         ],
         "dev": ["mypy>=1.10", "ruff>=0.5", "types-PyYAML", "types-requests"],
-        "totalseg": ["TotalSegmentator>=2.4"],
+        "totalseg": ["TotalSegmentator>=2.4", "nibabel>=5"],
     },
     entry_points={"console_scripts": ["fvlm-pacs=fvlm_pacs.cli:main"]},
     classifiers=[

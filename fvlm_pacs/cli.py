@@ -1,4 +1,4 @@
-"""Command line: ``fvlm-pacs serve | worker | db upgrade | echo | mappings check | model import``.
+"""Command line: ``fvlm-pacs serve | worker | run | db upgrade | echo | mappings check | model import``.
 
 The only module that configures logging. Flags override the environment, which overrides the
 YAML file given with ``--config``.
@@ -43,6 +43,7 @@ _OVERRIDES = (
     "stable_seconds",
     "workers",
     "log_level",
+    "model_dir",
 )
 
 
@@ -52,6 +53,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _settings_flags(sub.add_parser("serve", help="DICOM SCP + HTTP API + sweep + workers"))
     _settings_flags(sub.add_parser("worker", help="a worker pool only (scale out on PostgreSQL)"))
+    run = sub.add_parser("run", help="run the pipeline on a folder of DICOM files, no server")
+    _settings_flags(run)
+    run.add_argument("study_dir", type=Path, help="folder with one study's DICOM files")
+    run.add_argument("--model", type=Path, dest="model_dir", help="fVLM model folder")
+    run.add_argument("--json", type=Path, dest="json_out", help="write the result JSON here")
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     _settings_flags(db_sub.add_parser("upgrade", help="apply Alembic migrations"))
@@ -146,6 +152,54 @@ def _model_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(settings: Settings, study_dir: Path, json_out: Path | None) -> int:
+    """The worker's stages on local files: assembly, and findings when a model is set."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fvlm_pacs.errors import PipelineError
+    from fvlm_pacs.pipeline import run_stages
+    from fvlm_pacs.service import build_stages
+
+    if not study_dir.is_dir():
+        print(f"fvlm-pacs: {study_dir} is not a folder", file=sys.stderr)
+        return 2
+    paths = sorted(p for p in study_dir.rglob("*") if p.is_file())
+    try:
+        result = run_stages(build_stages(settings), paths)
+    except PipelineError as exc:
+        print(f"fvlm-pacs: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    console = Console()
+    volume = result["assembly"]["volume"]
+    console.print(
+        f"series {volume['series_instance_uid']}: {volume['shape']} voxels, "
+        f"spacing {volume['spacing_mm']} mm"
+    )
+    findings = result.get("findings")
+    if findings is None:
+        console.print("no model_dir set: assembly only")
+    else:
+        table = Table(
+            title=f"fVLM findings ({result['model']['name']} {result['model']['version']})"
+        )
+        for column in ("anatomy", "finding", "score", "threshold", "status"):
+            table.add_column(column)
+        for f in findings:
+            score = "—" if f["score"] is None else f"{f['score']:.3f}"
+            table.add_row(f["anatomy"], f["finding"], score, f"{f['threshold']:.3f}", f["status"])
+        console.print(table)
+    console.print(
+        "timings: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in result["timings"].items())
+    )
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"result written to {json_out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "echo":
@@ -162,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fvlm-pacs: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
+    if args.command == "run":
+        return _run(settings, args.study_dir, args.json_out)
     if args.command == "db":
         from fvlm_pacs.db import make_engine, upgrade
 

@@ -136,6 +136,18 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, wait this long for running jobs before releasing."
     )
+    model_dir: Path | None = Field(
+        None, description="fVLM model folder (our format); unset = jobs stop after assembly."
+    )
+    anatomy_profile: str = Field("ct-rate", description="Anatomy table profile in mappings/.")
+    segmentation_provider: Literal["dicom-seg", "totalsegmentator", "builtin"] = Field(
+        "dicom-seg", description="Where anatomy label maps come from."
+    )
+    totalsegmentator_weights: Path | None = Field(
+        None, description="Local TotalSegmentator v2 weights folder (never downloaded)."
+    )
+    totalsegmentator_device: Literal["gpu", "cpu"] = Field("cpu")
+    totalsegmentator_fast: bool = Field(False)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
 
     _check_ae = field_validator("ae_title")(_check_ae_title)

@@ -24,16 +24,17 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fvlm_pacs.api import AppContext, create_app
-from fvlm_pacs.codes import load_series_rules
+from fvlm_pacs.codes import load_anatomies, load_series_rules
 from fvlm_pacs.config import Settings
 from fvlm_pacs.db import make_engine, session_factory, upgrade
+from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.ingest.intake import Intake
 from fvlm_pacs.ingest.scp import StorageSCP
 from fvlm_pacs.ingest.spool import FolderSpool
 from fvlm_pacs.jobs.queue import ClaimedJob, JobQueue
 from fvlm_pacs.jobs.worker import WorkerPool
 from fvlm_pacs.metrics import Metrics
-from fvlm_pacs.pipeline import PIPELINE_VERSION, PipelineContext, run_study
+from fvlm_pacs.pipeline import PipelineContext, Stages, run_study
 from fvlm_pacs.studies.completion import CompletionSweep
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,38 @@ class Parts:
     pipeline: PipelineContext
 
 
+def build_stages(settings: Settings) -> Stages:
+    """Series rules always; segmentation and the model (loaded once) when ``model_dir`` is set.
+
+    Settings that cannot work (no weights, a provider that is not available) fail here, at
+    start, naming the setting — not at the first study.
+    """
+    rules = load_series_rules()
+    if settings.model_dir is None:
+        log.info("no model_dir: jobs stop after volume assembly")
+        return Stages(series_rules=rules)
+    from fvlm_pacs.model.predictor import Predictor
+    from fvlm_pacs.segmentation import SegmentationUnavailable, make_provider
+
+    table = load_anatomies(settings.anatomy_profile)
+    options: dict[str, object] = {}
+    if settings.segmentation_provider == "totalsegmentator":
+        options = {
+            "weights_dir": settings.totalsegmentator_weights,
+            "device": settings.totalsegmentator_device,
+            "fast": settings.totalsegmentator_fast,
+        }
+    try:
+        segmenter = make_provider(settings.segmentation_provider, table, **options)
+        check = getattr(segmenter, "check", None)
+        if callable(check):
+            check()
+    except SegmentationUnavailable as exc:
+        raise ConfigError(f"segmentation_provider: {exc}") from None
+    predictor = Predictor(settings.model_dir, anatomy_table=table)
+    return Stages(series_rules=rules, segmenter=segmenter, predictor=predictor)
+
+
 def build(settings: Settings) -> Parts:
     """Migrate the database and build the parts; every process runs this first."""
     engine = make_engine(settings.resolved_database_url)
@@ -63,6 +96,7 @@ def build(settings: Settings) -> Parts:
     sessions = session_factory(engine)
     spool = FolderSpool(settings.spool_dir)
     metrics = Metrics()
+    stages = build_stages(settings)
     return Parts(
         settings=settings,
         engine=engine,
@@ -78,11 +112,11 @@ def build(settings: Settings) -> Parts:
         sweep=CompletionSweep(
             sessions,
             stable_seconds=settings.stable_seconds,
-            pipeline_version=PIPELINE_VERSION,
+            pipeline_version=stages.version,
             max_attempts=settings.job_max_attempts,
             metrics=metrics,
         ),
-        pipeline=PipelineContext(sessions=sessions, spool=spool, series_rules=load_series_rules()),
+        pipeline=PipelineContext(sessions=sessions, spool=spool, stages=stages),
     )
 
 

@@ -16,7 +16,7 @@ from fvlm_pacs import __version__
 from fvlm_pacs.db import utcnow
 from fvlm_pacs.errors import NoUsableSeries
 from fvlm_pacs.jobs.queue import ClaimedJob
-from fvlm_pacs.pipeline import PIPELINE_VERSION
+from fvlm_pacs.pipeline import STAGES_VERSION
 from fvlm_pacs.service import Parts
 from fvlm_pacs.studies.completion import CompletionSweep
 from fvlm_pacs.synthetic import SeriesSpec, ct_series
@@ -54,7 +54,7 @@ def future_sweep(parts: Parts) -> list[int]:
     return CompletionSweep(
         parts.sessions,
         stable_seconds=parts.settings.stable_seconds,
-        pipeline_version=PIPELINE_VERSION,
+        pipeline_version=STAGES_VERSION,
         max_attempts=parts.settings.job_max_attempts,
         clock=later,
     ).sweep()
@@ -183,7 +183,7 @@ def test_study_lifecycle(client: TestClient, parts: Parts) -> None:
     assert [(j["id"], j["state"], j["attempts"]) for j in detail["jobs"]] == [
         (job_id, "succeeded", 1)
     ]
-    assert detail["jobs"][0]["pipeline_version"] == PIPELINE_VERSION
+    assert detail["jobs"][0]["pipeline_version"] == STAGES_VERSION
     assert detail["jobs"][0]["finished_at"] is not None
     assert detail["result"]["id"] == result_id
     assert detail["result"]["job_id"] == job_id

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 
 from fvlm_pacs.db import Job, Study, utcnow
-from fvlm_pacs.pipeline import PIPELINE_VERSION
+from fvlm_pacs.pipeline import STAGES_VERSION
 from fvlm_pacs.service import Parts
 from fvlm_pacs.studies.completion import CompletionSweep
 from fvlm_pacs.synthetic import SeriesSpec, ct_series
@@ -20,7 +20,7 @@ def sweep_at(parts: Parts, offset_s: float) -> CompletionSweep:
     return CompletionSweep(
         parts.sessions,
         stable_seconds=30,
-        pipeline_version=PIPELINE_VERSION,
+        pipeline_version=STAGES_VERSION,
         max_attempts=3,
         clock=lambda: utcnow() + timedelta(seconds=offset_s),
     )

@@ -166,7 +166,7 @@ def test_compressed_series_is_received_and_decodes_to_the_same_volume(
         rows = list(s.scalars(select(Instance)))
     assert {r.transfer_syntax_uid for r in rows} == {syntax}
     _choice, volume, _warnings = assemble_study(
-        [parts.spool.absolute(r.path) for r in rows], parts.pipeline.series_rules
+        [parts.spool.absolute(r.path) for r in rows], parts.pipeline.stages.series_rules
     )
     reference, _ = assemble_series(plain)
     np.testing.assert_array_equal(volume.array, reference.array)

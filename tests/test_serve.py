@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from fvlm_pacs.config import load_settings
 from fvlm_pacs.db import AuditEvent, Instance, Job, utcnow
-from fvlm_pacs.pipeline import PIPELINE_VERSION
+from fvlm_pacs.pipeline import STAGES_VERSION
 from fvlm_pacs.service import build
 from fvlm_pacs.studies.completion import CompletionSweep
 from fvlm_pacs.synthetic import SeriesSpec, ct_series, write_series
@@ -133,7 +133,7 @@ def test_two_postgres_workers_never_run_the_same_job(tmp_path: Path, postgres_ur
     created = CompletionSweep(
         parts.sessions,
         stable_seconds=1,
-        pipeline_version=PIPELINE_VERSION,
+        pipeline_version=STAGES_VERSION,
         max_attempts=3,
         clock=lambda: utcnow() + timedelta(seconds=5),
     ).sweep()

@@ -17,7 +17,7 @@ from pydicom.uid import UID, CTImageStorage
 from sqlalchemy import select
 
 from fvlm_pacs.db import Instance, Job, Series, Study, utcnow
-from fvlm_pacs.pipeline import PIPELINE_VERSION
+from fvlm_pacs.pipeline import STAGES_VERSION
 from fvlm_pacs.service import Parts
 from fvlm_pacs.studies.completion import CompletionSweep
 from fvlm_pacs.synthetic import SeriesSpec, ct_series
@@ -103,7 +103,7 @@ def future_sweep(parts: Parts, seconds: float = 120) -> CompletionSweep:
     return CompletionSweep(
         parts.sessions,
         stable_seconds=parts.settings.stable_seconds,
-        pipeline_version=PIPELINE_VERSION,
+        pipeline_version=STAGES_VERSION,
         max_attempts=parts.settings.job_max_attempts,
         clock=lambda: utcnow() + timedelta(seconds=seconds),
     )

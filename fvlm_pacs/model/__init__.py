@@ -11,12 +11,17 @@ from __future__ import annotations
 from .checkpoint import CheckpointError, import_official, load_model, save_model
 from .config import ModelConfig, TextConfig, VisionConfig, tiny, vit_b
 from .fvlm import FvlmModel
+from .predictor import Prediction, Predictor
+from .prompts import PromptBank
 from .zeroshot import pair_score, score_findings
 
 __all__ = [
     "CheckpointError",
     "FvlmModel",
     "ModelConfig",
+    "Prediction",
+    "Predictor",
+    "PromptBank",
     "TextConfig",
     "VisionConfig",
     "import_official",

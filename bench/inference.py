@@ -1,0 +1,160 @@
+"""fVLM inference cost on this machine: preprocessing and the anatomy encoder, with a peer.
+
+    python bench/inference.py [--repeats 3] [--threads N] [--skip-monai]
+
+Prints, for a 512×512×300 CT study (0.7 mm pixels, 1 mm slices) with four anatomies:
+
+* preprocessing (orientation, 3×1×1 mm resampling, window, crops) wall time;
+* the image path at ViT-B dimensions with random weights (``encode_anatomies`` on one
+  (112, 288, 352) crop = 1,386 tokens): wall time in fp32 and in bf16 autocast, analytic FLOPs
+  and achieved FLOP/s;
+* the same ViT-B forward in MONAI's ``monai.networks.nets.ViT`` (the reference implementation
+  the checkpoint's key names come from), measured in the same run, and the ratio;
+* peak RSS of the process.
+
+Nothing is asserted; figures only. Runs on the CPU unless CUDA is available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fvlm_pacs.domain import Volume  # noqa: E402 (after sys.path)
+from fvlm_pacs.model import FvlmModel, vit_b  # noqa: E402
+from fvlm_pacs.model.preprocess import anatomy_crops, to_model_grid  # noqa: E402
+
+CROP = (112, 288, 352)
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` runs after one warm-up, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def study() -> tuple[Volume, np.ndarray]:
+    """A 300 × 512 × 512 HU volume with four box anatomies (chest-sized extents)."""
+    shape = (300, 512, 512)
+    affine = np.eye(4)
+    affine[:3, 0] = (0, 0, 1.0)
+    affine[:3, 1] = (0, 0.7, 0)
+    affine[:3, 2] = (0.7, 0, 0)
+    affine[:3, 3] = (-179, -179, -150)
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-300, 200, size=shape).astype(np.float32)
+    labels = np.zeros(shape, np.int16)
+    labels[20:260, 60:420, 40:470] = 1  # lung
+    labels[120:220, 150:330, 180:380] = 2  # heart
+    labels[40:240, 300:340, 240:280] = 3  # esophagus
+    labels[30:250, 260:320, 280:340] = 4  # aorta
+    vol = Volume(
+        voxels=hd.Volume(hu, affine, "PATIENT", frame_of_reference_uid="1.2.3"),
+        study_instance_uid="1.2",
+        series_instance_uid="1.2.3",
+        source_instances=tuple(str(i) for i in range(shape[0])),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+    )
+    return vol, labels
+
+
+def vit_flops(
+    d: int, h: int, w: int, patch: tuple[int, int, int], c: int, layers: int, mlp: int
+) -> float:
+    """Multiply-adds × 2 of the ViT forward (patch embedding, attention, MLP)."""
+    n = (d // patch[0]) * (h // patch[1]) * (w // patch[2])
+    embed = 2 * n * c * patch[0] * patch[1] * patch[2]
+    per_block = 2 * n * c * 3 * c + 2 * 2 * n * n * c + 2 * n * c * c + 2 * 2 * n * c * mlp
+    return float(embed + layers * per_block)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--skip-monai", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    vol, labels = study()
+    t = timed(lambda: anatomy_crops(to_model_grid(vol, labels, 4)), max(1, args.repeats - 1))
+    crops = anatomy_crops(to_model_grid(vol, labels, 4))
+    print(f"preprocess 300×512×512 → {len(crops)} crops {[c.shape for c in crops]}: {t:.2f} s")
+
+    torch.manual_seed(0)
+    config = vit_b()
+    model = FvlmModel(config).eval().to(device)
+    image = torch.rand(1, 1, *CROP, device=device)
+    lab = torch.zeros(1, *CROP, dtype=torch.long, device=device)
+    lab[:, 10:100, 20:260, 20:330] = 1
+    lab[:, 40:80, 100:200, 120:240] = 2
+
+    def ours() -> None:
+        with torch.inference_mode():
+            model.encode_anatomies(image, lab)
+
+    def ours_bf16() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            model.encode_anatomies(image, lab)
+
+    v = config.vision
+    flops = vit_flops(*CROP, v.patch_size, v.hidden_size, v.num_layers, v.mlp_dim)
+    rows = [("fvlm_pacs ViT-B + pooling, fp32", timed(ours, args.repeats))]
+    rows.append(("fvlm_pacs ViT-B + pooling, bf16", timed(ours_bf16, args.repeats)))
+    if not args.skip_monai:
+        from monai.networks.nets import ViT
+
+        ref = (
+            ViT(
+                in_channels=1,
+                img_size=CROP,
+                patch_size=v.patch_size,
+                hidden_size=v.hidden_size,
+                mlp_dim=v.mlp_dim,
+                num_layers=v.num_layers,
+                num_heads=v.num_heads,
+                classification=False,
+            )
+            .eval()
+            .to(device)
+        )
+
+        def monai_vit() -> None:
+            with torch.inference_mode():
+                ref(image)
+
+        rows.append(("MONAI ViT-B forward, fp32 (peer)", timed(monai_vit, args.repeats)))
+    print(f"ViT-B on one {CROP} crop: {flops / 1e12:.2f} TFLOP (analytic)")
+    for name, seconds in rows:
+        print(f"  {name:<36} {seconds:7.2f} s   {flops / seconds / 1e9:8.1f} GFLOP/s")
+    if not args.skip_monai:
+        print(f"  ratio fvlm_pacs fp32 / MONAI: {rows[0][1] / rows[-1][1]:.2f}×")
+    per_study = rows[0][1] * len(crops)
+    print(f"per study ({len(crops)} crops, fp32, one pass each): ≈ {per_study:.1f} s encode")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Load once, predict many: HU volume + anatomy label map → one scored finding per (anatomy, disease).
+
+Why a class: the weights, the findings table, the thresholds and the prompt embeddings are the
+same for every study, and loading them (a BERT pass per prompt included) costs far more than one
+study's ViT passes. :class:`Predictor` does all of it once at construction; :meth:`Predictor.run`
+then only preprocesses, runs the image encoder and scores (FVLM.md "Zero-shot scoring"):
+
+1. ``to_model_grid`` → ``anatomy_crops`` → ``group_by_shape`` (:mod:`.preprocess`);
+2. one batched ``encode_anatomies`` per shape group, in chunks of at most ``max_batch`` crops so
+   memory stays bounded whatever the number of anatomies;
+3. for each crop only the embeddings of the anatomies it can assess (``crop.assessable``) are
+   used; finding score = sigmoid((cos_pos − cos_neg) / τ) with cached prompt embeddings; when
+   several crops assess an anatomy, their probabilities are averaged (as the release does);
+4. status ``present`` (score ≥ threshold) / ``absent``, or ``not_assessable`` with score None
+   when the anatomy is missing, no crop could assess it, or the score is not finite — never a
+   silent 0.
+
+Results: :meth:`Predictor.run` returns a :class:`Prediction` (findings + per-stage timings + why
+each unassessable anatomy was so); :meth:`Predictor.predict` returns just the findings.
+Scoring runs on CPU in float32 whatever the device, so thresholds mean the same on GPU and CPU
+up to the encoder's own (bf16) rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..codes import AnatomyTable, FindingDefinition, load_anatomy_profiles, load_findings
+from ..domain import Finding, FindingStatus, LabelMap, ModelInfo, Volume
+from ..errors import ConfigError
+from .fvlm import FvlmModel
+from .preprocess import AnatomyCrop, anatomy_crops, group_by_shape, to_model_grid
+from .prompts import PromptBank
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS_FILE = "thresholds.json"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The outcome of one :meth:`Predictor.run`.
+
+    ``findings`` in findings-table order (one per finding of the model's anatomies);
+    ``timings`` seconds per stage: ``preprocess`` (grid + crops), ``encode`` (image encoder,
+    all crops), ``score`` (prompt scoring + statuses), ``total``; ``not_assessable`` maps each
+    anatomy that could not be scored to the reason (for the job record; no PHI); ``crops`` is the
+    number of ViT inputs.
+    """
+
+    findings: tuple[Finding, ...]
+    timings: dict[str, float]
+    not_assessable: dict[str, str] = field(default_factory=dict)
+    crops: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "findings": [f.as_dict() for f in self.findings],
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "not_assessable": dict(self.not_assessable),
+            "crops": self.crops,
+        }
+
+
+def auto_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def anatomy_table_for(anatomies: Sequence[str], path: Path | None = None) -> AnatomyTable:
+    """The profile of ``anatomies.yaml`` whose anatomies are exactly ``anatomies``, in order.
+
+    The checkpoint's anatomy order is its weights' order, so the profile must match it exactly;
+    a near match would score findings with the wrong query token.
+    """
+    wanted = tuple(anatomies)
+    tables = load_anatomy_profiles(path)
+    for table in tables.values():
+        if table.names == wanted:
+            return table
+    have = "; ".join(f"{name}: {', '.join(t.names)}" for name, t in sorted(tables.items()))
+    raise ConfigError(
+        f"anatomies: no profile of anatomies.yaml lists the model's anatomies "
+        f"({', '.join(wanted)}) in this order (profiles: {have})"
+    )
+
+
+def load_thresholds(
+    path: str | Path, findings: Sequence[FindingDefinition], model_sha256: str = ""
+) -> dict[str, float]:
+    """Calibrated thresholds ``{finding name: threshold}`` from a JSON file.
+
+    Also accepted: ``{"model_sha256": ..., "thresholds": {...}}`` — then the sha256 must be the
+    model's, since a threshold calibrated on other weights is meaningless. An unknown finding
+    name or a value outside [0, 1] is a :class:`ConfigError` naming it (a typo must not leave
+    a finding on its uncalibrated default unnoticed).
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"thresholds: cannot read {p}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"thresholds: {p} must hold a JSON object")
+    if "thresholds" in data and isinstance(data["thresholds"], dict):
+        sha = data.get("model_sha256")
+        if sha and model_sha256 and sha != model_sha256:
+            raise ConfigError(
+                f"thresholds: {p} was calibrated for weights {str(sha)[:12]}, "
+                f"not for this model ({model_sha256[:12]})"
+            )
+        data = data["thresholds"]
+    names = {f.name for f in findings}
+    out: dict[str, float] = {}
+    for name, value in data.items():
+        if name not in names:
+            raise ConfigError(
+                f"thresholds: {p}: unknown finding {name!r} (model scores {', '.join(sorted(names))})"
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0.0 <= float(value) <= 1.0
+        ):
+            raise ConfigError(f"thresholds: {p}: {name} must be a number in [0, 1], got {value!r}")
+        out[name] = float(value)
+    return out
+
+
+def default_thresholds_path(model_path: str | Path) -> Path:
+    """``thresholds.json`` in a model directory, ``<stem>.thresholds.json`` beside a file."""
+    p = Path(model_path)
+    return p / THRESHOLDS_FILE if p.is_dir() else p.parent / f"{p.stem}.{THRESHOLDS_FILE}"
+
+
+class Predictor:
+    """fVLM zero-shot findings for one checkpoint, loaded once.
+
+    ``model_path``: our model directory or a released file (then ``text_model_dir`` is needed by
+    the loader). ``device``: default CUDA if available else CPU. ``max_batch``: at most this many
+    crops per forward pass. ``cache_dir``: where the prompt bank goes if the model folder is
+    read-only. ``thresholds_path``: calibrated thresholds (default ``thresholds.json`` next to
+    the model, if present) overriding each finding's ``default_threshold``. ``anatomy_table`` /
+    ``findings``: inject tables instead of reading ``mappings/`` (tests, site overrides).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        max_batch: int = 2,
+        text_model_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        thresholds_path: str | Path | None = None,
+        anatomy_table: AnatomyTable | None = None,
+        findings: Sequence[FindingDefinition] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = max_batch
+        self.device = auto_device(device)
+        t0 = time.perf_counter()
+        self.model = FvlmModel.from_checkpoint(
+            model_path, text_model_dir=text_model_dir, device=self.device
+        ).eval()
+        self.info = ModelInfo(self.model.name, self.model.version, self.model.sha256)
+        self.anatomies: tuple[str, ...] = self.model.anatomies
+        table = anatomy_table or anatomy_table_for(self.anatomies)
+        if table.names != self.anatomies:
+            raise ConfigError(
+                f"anatomy_table: profile {table.profile!r} lists {', '.join(table.names)}, "
+                f"the model {', '.join(self.anatomies)}"
+            )
+        defs = tuple(findings) if findings is not None else load_findings(table)
+        defs = tuple(f for f in defs if f.anatomy in self.anatomies)
+        if not defs:
+            raise ConfigError(f"findings: none for the model's anatomies {self.anatomies}")
+        self.findings: tuple[FindingDefinition, ...] = defs
+
+        tpath = Path(thresholds_path) if thresholds_path else default_thresholds_path(model_path)
+        calibrated: dict[str, float] = {}
+        if tpath.is_file():
+            calibrated = load_thresholds(tpath, defs, self.info.sha256)
+            log.info("thresholds: %d calibrated from %s", len(calibrated), tpath)
+        elif thresholds_path is not None:
+            raise ConfigError(f"thresholds_path: {tpath} does not exist")
+        self.thresholds: dict[str, float] = {
+            f.name: calibrated.get(f.name, f.default_threshold) for f in defs
+        }
+
+        self.prompt_bank = PromptBank.for_model(model_path, self.info.sha256, cache_dir)
+        prompts = [f.positive for f in defs] + [f.negative for f in defs]
+        emb = self.prompt_bank.embeddings(prompts, encoder=self._encode_text)
+        n = len(defs)
+        self._positives, self._negatives = emb[:n], emb[n:]
+        self._anatomy_index = torch.tensor([self.anatomies.index(f.anatomy) for f in defs])
+        log.info(
+            "predictor ready: %s %s, %d findings, %s, max_batch %d (%.2f s)",
+            self.info.name,
+            self.info.version,
+            n,
+            self.device,
+            max_batch,
+            time.perf_counter() - t0,
+        )
+
+    def _encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Called by the prompt bank for misses only: a warm bank never runs BERT."""
+        with torch.inference_mode():
+            return self.model.encode_text(texts)
+
+    # -- prediction -----------------------------------------------------------------------
+    def predict(self, volume: Volume, labelmap: LabelMap) -> list[Finding]:
+        """The findings of :meth:`run` (table order); see there."""
+        return list(self.run(volume, labelmap).findings)
+
+    def run(self, volume: Volume, labelmap: LabelMap) -> Prediction:
+        """Score every finding of the model's anatomies on one volume.
+
+        ``labelmap`` must be on ``volume``'s grid and name exactly the model's anatomies in the
+        model's order (label k = ``anatomies[k - 1]``); otherwise :class:`ValueError`.
+        """
+        if tuple(labelmap.anatomies) != self.anatomies:
+            raise ValueError(
+                f"labelmap anatomies ({', '.join(labelmap.anatomies)}) differ from the model's "
+                f"({', '.join(self.anatomies)}); label k must be the model's k-th anatomy"
+            )
+        t0 = time.perf_counter()
+        k = len(self.anatomies)
+        grid = to_model_grid(volume, np.asarray(labelmap.array), k)
+        crops = anatomy_crops(grid)
+        groups = group_by_shape(crops)
+        t1 = time.perf_counter()
+
+        # per anatomy: probabilities [F_k] from each crop that assesses it
+        embeddings: list[tuple[AnatomyCrop, torch.Tensor]] = []
+        for group in groups:
+            for chunk in _chunks(group, self.max_batch):
+                emb = self._encode(chunk)
+                embeddings.extend(zip(chunk, emb, strict=True))
+        t2 = time.perf_counter()
+
+        findings, reasons = self._score(embeddings, grid.voxels, np.asarray(labelmap.array))
+        t3 = time.perf_counter()
+        timings = {"preprocess": t1 - t0, "encode": t2 - t1, "score": t3 - t2, "total": t3 - t0}
+        log.info(
+            "series %s: %d crops in %d group(s), %d/%d anatomies assessable; "
+            "preprocess %.2f s, encode %.2f s, score %.3f s",
+            volume.series_instance_uid,
+            len(crops),
+            len(groups),
+            k - len(reasons),
+            k,
+            timings["preprocess"],
+            timings["encode"],
+            timings["score"],
+        )
+        return Prediction(
+            findings=tuple(findings), timings=timings, not_assessable=reasons, crops=len(crops)
+        )
+
+    def _encode(self, chunk: list[AnatomyCrop]) -> torch.Tensor:
+        """[B, K, E] float32 CPU anatomy embeddings of a chunk of equal-shape crops."""
+        image = torch.from_numpy(np.stack([c.image for c in chunk]).astype(np.float32))[:, None]
+        labels = torch.from_numpy(np.stack([c.labels for c in chunk]).astype(np.int64))
+        with torch.inference_mode(), self._autocast():
+            out = self.model.encode_anatomies(
+                image.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            )
+        return out.float().cpu()
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 on CUDA only: CPU stays float32 so its results are exact and reproducible."""
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _score(
+        self,
+        embeddings: list[tuple[AnatomyCrop, torch.Tensor]],
+        voxels: np.ndarray,
+        source_labels: np.ndarray,
+    ) -> tuple[list[Finding], dict[str, str]]:
+        k = len(self.anatomies)
+        tau = self.model.temperature
+        idx = self._anatomy_index
+        # probability sums and counts per finding over the crops that assess its anatomy
+        total = torch.zeros(len(self.findings), dtype=torch.float64)
+        count = torch.zeros(len(self.findings), dtype=torch.int64)
+        assessed: set[int] = set()
+        for crop, emb in embeddings:  # emb [K, E]
+            usable = torch.zeros(k, dtype=torch.bool)
+            for label in crop.assessable:
+                if bool(torch.isfinite(emb[label - 1]).all()):
+                    usable[label - 1] = True
+                    assessed.add(label)
+            mask = usable[idx]
+            if not mask.any():
+                continue
+            v = emb[idx[mask]]  # [F', E]
+            cos_pos = (v * self._positives[mask]).sum(-1)
+            cos_neg = (v * self._negatives[mask]).sum(-1)
+            prob = torch.sigmoid((cos_pos - cos_neg) / tau).double()
+            finite = torch.isfinite(prob)
+            where = mask.nonzero().squeeze(1)[finite]
+            total[where] += prob[finite]
+            count[where] += 1
+
+        reasons = self._reasons(assessed, voxels, source_labels)
+        findings = []
+        for i, f in enumerate(self.findings):
+            threshold = self.thresholds[f.name]
+            score: float | None = None
+            status: FindingStatus = "not_assessable"
+            if int(count[i]) > 0:
+                score = float(total[i] / count[i])
+                if math.isfinite(score):
+                    status = "present" if score >= threshold else "absent"
+                else:  # cannot happen with finite parts; kept so NaN can never pass as a score
+                    score = None
+            findings.append(
+                Finding(
+                    anatomy=f.anatomy,
+                    finding=f.name,
+                    code_value=f.code.value,
+                    code_scheme=f.code.scheme,
+                    code_meaning=f.code.meaning,
+                    score=score,
+                    threshold=threshold,
+                    status=status,
+                    model=self.info,
+                )
+            )
+        return findings, reasons
+
+    def _reasons(
+        self, assessed: set[int], voxels: np.ndarray, source_labels: np.ndarray
+    ) -> dict[str, str]:
+        """Why each anatomy that no crop assessed is not assessable (for the job record)."""
+        out: dict[str, str] = {}
+        for label, name in enumerate(self.anatomies, start=1):
+            if label in assessed:
+                continue
+            if voxels[label] > 0:
+                out[name] = "no crop could assess it (non-finite embedding)"
+            elif bool((source_labels == label).any()):
+                out[name] = "lost when resampled to the model grid"
+            else:
+                out[name] = "absent from the label map"
+        return out
+
+
+def _chunks(items: list[AnatomyCrop], size: int) -> Iterator[list[AnatomyCrop]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

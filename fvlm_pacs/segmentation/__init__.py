@@ -1,0 +1,23 @@
+"""Anatomy label maps for fVLM: a :class:`SegmentationProvider` protocol and its providers.
+
+* ``dicom-seg`` (:class:`~fvlm_pacs.segmentation.dicom_seg.DicomSegProvider`): a DICOM SEG that
+  arrived with the study and codes the anatomies;
+* ``totalsegmentator``
+  (:class:`~fvlm_pacs.segmentation.totalsegmentator.TotalSegmentatorProvider`): TotalSegmentator v2
+  ``total`` with locally installed weights (extra ``totalseg``), never downloading;
+* ``builtin``: our own network, not trained yet (refused with a clear message).
+"""
+
+from fvlm_pacs.segmentation.base import (
+    PROVIDER_NAMES,
+    SegmentationProvider,
+    SegmentationUnavailable,
+    make_provider,
+)
+
+__all__ = [
+    "PROVIDER_NAMES",
+    "SegmentationProvider",
+    "SegmentationUnavailable",
+    "make_provider",
+]

@@ -1,0 +1,123 @@
+"""The whole pipeline with a model: files → assembly → DICOM SEG anatomies → fVLM findings,
+through `run_stages`, `fvlm-pacs run`, and a job in `serve`'s worker path."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from fvlm_pacs.cli import main
+from fvlm_pacs.codes import load_anatomies, load_series_rules
+from fvlm_pacs.config import load_settings
+from fvlm_pacs.db import Job, utcnow
+from fvlm_pacs.errors import ConfigError
+from fvlm_pacs.jobs.queue import JobQueue
+from fvlm_pacs.model import Predictor
+from fvlm_pacs.pipeline import STAGES_VERSION, Stages, run_stages, run_study
+from fvlm_pacs.segmentation import make_provider
+from fvlm_pacs.service import build, build_stages
+from fvlm_pacs.studies.completion import CompletionSweep
+from tests.test_predictor import build_model_dir
+from tests.test_segmentation import anatomy_segments, boxes, make_study, write_seg
+
+TABLE = load_anatomies("ct-rate")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("pipeline-model"))
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> tuple[str, list[Path]]:
+    """A CT series (24 × 64²) plus a SEG with lung and heart; returns (study UID, all files)."""
+    datasets, volume, paths = make_study(tmp_path)
+    seg = write_seg(
+        datasets, volume, boxes(TABLE), anatomy_segments(TABLE), tmp_path / "ct" / "seg.dcm"
+    )
+    return datasets[0].StudyInstanceUID, [*paths, seg]
+
+
+def check_findings(result: dict) -> None:
+    findings = {f["finding"]: f for f in result["findings"]}
+    assert len(findings) == 16
+    for f in findings.values():
+        if f["anatomy"] in ("lung", "heart"):
+            assert 0.0 < f["score"] < 1.0 and f["status"] in ("present", "absent")
+        else:
+            assert f["score"] is None and f["status"] == "not_assessable"
+    assert set(result["not_assessable"]) == {"esophagus", "aorta"}
+    assert result["segmentation"]["source"] == "dicom-seg"
+
+
+def test_run_stages_with_model_and_dicom_seg(model_dir: Path, study) -> None:
+    _uid, paths = study
+    stages = Stages(
+        series_rules=load_series_rules(),
+        segmenter=make_provider("dicom-seg", TABLE),
+        predictor=Predictor(model_dir, anatomy_table=TABLE, device="cpu"),
+    )
+    assert stages.version == f"{STAGES_VERSION}+tiny-0.1"
+    result = run_stages(stages, paths)
+    check_findings(result)
+    assert result["assembly"]["volume"]["shape"] == [24, 64, 64]
+    assert {"assembly_s", "segmentation_s", "preprocess_s", "encode_s", "score_s"} <= set(
+        result["timings"]
+    )
+
+
+def test_cli_run_prints_findings_and_writes_json(model_dir: Path, study, tmp_path, capsys) -> None:
+    _uid, paths = study
+    out = tmp_path / "result.json"
+    argv = ["run", str(paths[0].parent), "--model", str(model_dir), "--json", str(out)]
+    assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 0
+    printed = capsys.readouterr().out
+    assert "fVLM findings" in printed and "emphysema" in printed and "not_assessable" in printed
+    check_findings(json.loads(out.read_text()))
+
+
+def test_cli_run_without_model_assembles_only(study, tmp_path, capsys) -> None:
+    _uid, paths = study
+    assert main(["run", str(paths[0].parent), "--data-dir", str(tmp_path / "d")]) == 0
+    assert "assembly only" in capsys.readouterr().out
+
+
+def test_builtin_provider_fails_at_start_naming_the_setting(model_dir: Path, tmp_path) -> None:
+    settings = load_settings(
+        data_dir=tmp_path, model_dir=model_dir, segmentation_provider="builtin"
+    )
+    with pytest.raises(ConfigError, match="segmentation_provider"):
+        build_stages(settings)
+
+
+def test_job_in_the_service_gets_findings(model_dir: Path, study, tmp_path) -> None:
+    uid, paths = study
+    settings = load_settings(data_dir=tmp_path / "data", model_dir=model_dir, stable_seconds=30)
+    parts = build(settings)
+    try:
+        for path in paths:
+            parts.intake.receive(path.read_bytes(), source="dimse")
+        later = lambda: utcnow() + timedelta(seconds=60)  # noqa: E731
+        sweep = CompletionSweep(
+            parts.sessions,
+            stable_seconds=30,
+            pipeline_version=parts.pipeline.stages.version,
+            max_attempts=3,
+            clock=later,
+        )
+        [job_id] = sweep.sweep()
+        queue = JobQueue(parts.sessions, lease_seconds=60, backoff_seconds=1, clock=later)
+        job = queue.claim("test-worker")
+        assert job is not None and job.id == job_id
+        assert job.pipeline_version == "1+tiny-0.1"
+        assert queue.succeed(job, run_study(parts.pipeline, job)) is not None
+        with parts.sessions() as s:
+            row = s.scalars(select(Job).where(Job.id == job_id)).one()
+        assert row.state == "succeeded"
+        check_findings(row.detail or {})
+    finally:
+        parts.engine.dispose()
