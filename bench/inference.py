@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 
 from fvlm_pacs.domain import Volume  # noqa: E402 (after sys.path)
 from fvlm_pacs.model import FvlmModel, vit_b  # noqa: E402
-from fvlm_pacs.model.preprocess import anatomy_crops, to_model_grid  # noqa: E402
+from fvlm_pacs.model.preprocess import anatomy_crops, context_crop, to_model_grid  # noqa: E402
 
 CROP = (112, 288, 352)
 
@@ -99,8 +99,11 @@ def main() -> None:
 
     vol, labels = study()
     t = timed(lambda: anatomy_crops(to_model_grid(vol, labels, 4)), max(1, args.repeats - 1))
-    crops = anatomy_crops(to_model_grid(vol, labels, 4))
+    grid = to_model_grid(vol, labels, 4)
+    crops = anatomy_crops(grid)
+    context = context_crop(grid)
     print(f"preprocess 300×512×512 → {len(crops)} crops {[c.shape for c in crops]}: {t:.2f} s")
+    print(f"single-pass context crop: {context.shape}")
 
     torch.manual_seed(0)
     config = vit_b()
@@ -150,8 +153,22 @@ def main() -> None:
         print(f"  {name:<36} {seconds:7.2f} s   {flops / seconds / 1e9:8.1f} GFLOP/s")
     if not args.skip_monai:
         print(f"  ratio fvlm_pacs fp32 / MONAI: {rows[0][1] / rows[-1][1]:.2f}×")
+    ctx_image = torch.from_numpy(context.image)[None, None].to(device)
+    ctx_labels = torch.from_numpy(context.labels.astype(np.int64))[None].to(device)
+
+    def single() -> None:
+        with torch.inference_mode():
+            model.encode_anatomies(ctx_image, ctx_labels)
+
+    single_s = timed(single, args.repeats)
+    ctx_flops = vit_flops(*context.shape, v.patch_size, v.hidden_size, v.num_layers, v.mlp_dim)
     per_study = rows[0][1] * len(crops)
-    print(f"per study ({len(crops)} crops, fp32, one pass each): ≈ {per_study:.1f} s encode")
+    print(f"per study, mode=crops ({len(crops)} passes, fp32): ≈ {per_study:.1f} s encode")
+    print(
+        f"per study, mode=single (1 pass on {context.shape}, fp32): {single_s:.2f} s encode, "
+        f"{ctx_flops / 1e12:.2f} TFLOP, {ctx_flops / single_s / 1e9:.1f} GFLOP/s; "
+        f"crops/single = {per_study / single_s:.1f}×"
+    )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {rss:.0f} MiB")
 

@@ -140,6 +140,9 @@ class Settings(BaseSettings):
         None, description="fVLM model folder (our format); unset = jobs stop after assembly."
     )
     anatomy_profile: str = Field("ct-rate", description="Anatomy table profile in mappings/.")
+    inference_mode: Literal["crops", "single"] = Field(
+        "crops", description="One ViT pass per anatomy crop, or one for the whole context."
+    )
     segmentation_provider: Literal["dicom-seg", "totalsegmentator", "builtin"] = Field(
         "dicom-seg", description="Where anatomy label maps come from."
     )

@@ -85,7 +85,7 @@ def build_stages(settings: Settings) -> Stages:
             check()
     except SegmentationUnavailable as exc:
         raise ConfigError(f"segmentation_provider: {exc}") from None
-    predictor = Predictor(settings.model_dir, anatomy_table=table)
+    predictor = Predictor(settings.model_dir, anatomy_table=table, mode=settings.inference_mode)
     return Stages(series_rules=rules, segmenter=segmenter, predictor=predictor)
 
 

@@ -19,7 +19,7 @@ from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.model import FvlmModel, ModelConfig, save_model
 from fvlm_pacs.model.config import TextConfig
 from fvlm_pacs.model.predictor import Predictor, load_thresholds
-from fvlm_pacs.model.preprocess import anatomy_crops, to_model_grid
+from fvlm_pacs.model.preprocess import anatomy_crops, context_crop, to_model_grid
 from fvlm_pacs.model.prompts import BANK_FILE, PromptBank
 from fvlm_pacs.model.text import load_tokenizer
 
@@ -317,3 +317,31 @@ def test_cuda_bf16_scores_track_the_cpu_ones(result, model_dir, case) -> None:
         assert (x.status == "not_assessable") == (y.status == "not_assessable")
         if x.score is not None:
             assert y.score == pytest.approx(x.score, abs=0.05)  # bf16 encoder, fp32 scoring
+
+
+def test_single_pass_mode_scores_every_anatomy_from_one_crop(model_dir, case) -> None:
+    p = Predictor(model_dir, device="cpu", mode="single")
+    volume, labels = case
+    prediction = p.run(volume, labels)
+    assert prediction.crops == 1
+    got = by_name(prediction.findings)
+    crop = context_crop(to_model_grid(volume, labels.array, 4))
+    with torch.no_grad():
+        emb = p.model.encode_anatomies(
+            torch.from_numpy(crop.image)[None, None].float(),
+            torch.from_numpy(crop.labels.astype(np.int64))[None],
+        )[0]
+        tau = p.model.temperature
+        for f in FINDINGS:
+            if f.anatomy in ("esophagus", "aorta"):
+                assert got[f.name].status == "not_assessable"
+                continue
+            v = emb[ANATOMIES.index(f.anatomy)]
+            pos, neg = p.model.encode_text([f.positive, f.negative])
+            expected = torch.sigmoid(((v * pos).sum() - (v * neg).sum()) / tau)
+            assert got[f.name].score == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_unknown_mode_is_refused(model_dir) -> None:
+    with pytest.raises(ConfigError, match="mode"):
+        Predictor(model_dir, device="cpu", mode="fast")  # type: ignore[arg-type]

@@ -172,3 +172,15 @@ def test_labelmap_must_match_the_volume() -> None:
     a = head_first_axial()
     with pytest.raises(ValueError, match="labelmap shape"):
         to_model_grid(volume(a, SHAPE, phantom_hu), np.zeros((2, 2, 2)), 2)
+
+
+def test_context_crop_holds_every_present_anatomy() -> None:
+    from fvlm_pacs.model.preprocess import context_crop
+
+    a = head_first_axial()
+    grid = to_model_grid(volume(a, SHAPE, phantom_hu), sampled(a, SHAPE, two_boxes), 3)
+    crop = context_crop(grid)
+    assert crop.assessable == (1, 2)  # 3 is absent
+    assert all(s % p == 0 for s, p in zip(crop.shape, PATCH, strict=True))
+    for label in (1, 2):
+        assert int((crop.labels == label).sum()) == int(grid.voxels[label])

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,12 +40,16 @@ from ..codes import AnatomyTable, FindingDefinition, load_anatomy_profiles, load
 from ..domain import Finding, FindingStatus, LabelMap, ModelInfo, Volume
 from ..errors import ConfigError
 from .fvlm import FvlmModel
-from .preprocess import AnatomyCrop, anatomy_crops, group_by_shape, to_model_grid
+from .preprocess import AnatomyCrop, anatomy_crops, context_crop, group_by_shape, to_model_grid
 from .prompts import PromptBank
 
 log = logging.getLogger(__name__)
 
 THRESHOLDS_FILE = "thresholds.json"
+
+InferenceMode = Literal["crops", "single"]
+"""``crops``: one ViT pass per anatomy crop (the release's protocol, default); ``single``: one
+pass over the whole context for all anatomies (faster, measured in bench/inference.py)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class Predictor:
     read-only. ``thresholds_path``: calibrated thresholds (default ``thresholds.json`` next to
     the model, if present) overriding each finding's ``default_threshold``. ``anatomy_table`` /
     ``findings``: inject tables instead of reading ``mappings/`` (tests, site overrides).
+    ``mode``: see :data:`InferenceMode`.
     """
 
     def __init__(
@@ -168,7 +173,11 @@ class Predictor:
         thresholds_path: str | Path | None = None,
         anatomy_table: AnatomyTable | None = None,
         findings: Sequence[FindingDefinition] | None = None,
+        mode: InferenceMode = "crops",
     ) -> None:
+        if mode not in ("crops", "single"):
+            raise ConfigError(f"mode must be 'crops' or 'single', got {mode!r}")
+        self.mode: InferenceMode = mode
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch = max_batch
@@ -242,7 +251,8 @@ class Predictor:
         t0 = time.perf_counter()
         k = len(self.anatomies)
         grid = to_model_grid(volume, np.asarray(labelmap.array), k)
-        crops = anatomy_crops(grid)
+        crops = [context_crop(grid)] if self.mode == "single" else anatomy_crops(grid)
+        crops = [c for c in crops if c.assessable]
         groups = group_by_shape(crops)
         t1 = time.perf_counter()
 

@@ -160,6 +160,23 @@ def anatomy_crops(grid: ModelGrid) -> list[AnatomyCrop]:
     return crops
 
 
+def context_crop(grid: ModelGrid) -> AnatomyCrop:
+    """The single-pass alternative to :func:`anatomy_crops`: the whole context (it holds every
+    anatomy whole, by construction) end-padded to patch multiples, scoring all anatomies at once.
+
+    One ViT pass per study instead of one per anatomy; not the release's protocol, so it is a
+    measured option (``label`` 0 marks it), not the default.
+    """
+    target = tuple(-(-s // p) * p for s, p in zip(grid.image.shape, PATCH, strict=True))
+    present = tuple(k for k in range(1, len(grid.voxels)) if grid.present(k))
+    return AnatomyCrop(
+        label=0,
+        image=_end_pad(grid.image, target),
+        labels=_end_pad(grid.labels, target),
+        assessable=present,
+    )
+
+
 def group_by_shape(crops: list[AnatomyCrop]) -> list[list[AnatomyCrop]]:
     """Crops of equal shape, so each group is one batched forward pass."""
     groups: dict[tuple[int, ...], list[AnatomyCrop]] = {}
