@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fvlm_pacs import __version__
 from fvlm_pacs.config import Settings, load_settings
-from fvlm_pacs.errors import ConfigError
+from fvlm_pacs.errors import ConfigError, FvlmPacsError
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,9 @@ def _run(settings: Settings, study_dir: Path, json_out: Path | None) -> int:
     paths = sorted(p for p in study_dir.rglob("*") if p.is_file())
     try:
         result = run_stages(build_stages(settings), paths)
+    except ConfigError as exc:
+        print(f"fvlm-pacs: {exc}", file=sys.stderr)
+        return 2
     except PipelineError as exc:
         print(f"fvlm-pacs: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -235,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a port in use, an unwritable data_dir: say so, no traceback
         print(f"fvlm-pacs: cannot start: {exc}", file=sys.stderr)
         return 1
+    except FvlmPacsError as exc:  # a model or provider setting that cannot work
+        print(f"fvlm-pacs: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -121,3 +121,14 @@ def test_job_in_the_service_gets_findings(model_dir: Path, study, tmp_path) -> N
         check_findings(row.detail or {})
     finally:
         parts.engine.dispose()
+
+
+def test_serve_with_a_broken_model_dir_fails_at_start(tmp_path, capsys) -> None:
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    argv = ["serve", "--data-dir", str(tmp_path / "d"), "--dicom-port", "0", "--http-port", "0"]
+    settings_file = tmp_path / "c.yaml"
+    settings_file.write_text(f"model_dir: {broken}\n")
+    assert main([*argv, "--config", str(settings_file)]) == 2
+    assert "cannot start" in capsys.readouterr().err
