@@ -1,4 +1,5 @@
-"""Command line: ``fvlm-pacs serve | worker | run | db upgrade | echo | mappings check | model import``.
+"""Command line: ``fvlm-pacs serve | worker | run | synth | train | eval | calibrate | db upgrade |
+echo | mappings check | model import``.
 
 The only module that configures logging. Flags override the environment, which overrides the
 YAML file given with ``--config``.
@@ -76,6 +77,27 @@ def parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True, help="output folder")
     synth.add_argument("--dicom", action="store_true", help="also write a DICOM CT series")
     synth.add_argument("--seg", action="store_true", help="also write a DICOM SEG of the anatomies")
+    for name, text in (
+        ("eval", "zero-shot evaluation on a labelled synthetic dataset (test split)"),
+        ("calibrate", "per-finding thresholds from the validation split"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--model", type=Path, required=True, help="fVLM model folder")
+        cmd.add_argument("--data", type=Path, required=True, help="folder with manifest.csv")
+        cmd.add_argument(
+            "--split",
+            choices=["train", "val", "test", "all"],
+            default="test" if name == "eval" else "val",
+        )
+        cmd.add_argument("--seed", type=int, default=0, help="seed of the case split")
+        cmd.add_argument("--mode", choices=["crops", "single"], default="crops")
+        if name == "eval":
+            cmd.add_argument("--json", type=Path, required=True, dest="json_out")
+            cmd.add_argument("--thresholds", type=Path, help="calibrated thresholds.json")
+        else:
+            cmd.add_argument("--out", type=Path, help="default: thresholds.json in the model")
+    train = sub.add_parser("train", help="pre-train fVLM (or the CLIP baseline) from a manifest")
+    train.add_argument("--config", type=Path, required=True, help="training YAML (TrainConfig)")
     model = sub.add_parser("model", help="fVLM checkpoints")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     imp = model_sub.add_parser(
@@ -224,6 +246,54 @@ def _run(settings: Settings, study_dir: Path, json_out: Path | None) -> int:
     return 0
 
 
+def _zero_shot(args: argparse.Namespace) -> int:
+    """``eval``: report on a split with the model's thresholds; ``calibrate``: write them."""
+    from fvlm_pacs.evaluation import calibrate, evaluate, write_thresholds
+    from fvlm_pacs.model import Predictor
+    from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases
+
+    manifest = args.data / "manifest.csv"
+    if not manifest.is_file():
+        print(f"fvlm-pacs: {manifest} does not exist", file=sys.stderr)
+        return 2
+    split = dataset_split(manifest, args.seed)
+    ids = (
+        split.train + split.val + split.test if args.split == "all" else getattr(split, args.split)
+    )
+    thresholds = getattr(args, "thresholds", None)
+    try:
+        predictor = Predictor(args.model, mode=args.mode, thresholds_path=thresholds)
+    except FvlmPacsError as exc:
+        print(f"fvlm-pacs: {exc}", file=sys.stderr)
+        return 2
+    scored = score_cases(predictor, args.data, tuple(ids))
+    if args.command == "calibrate":
+        out = args.out or args.model / "thresholds.json"
+        found = calibrate(scored.scores, scored.labels)
+        write_thresholds(out, found, predictor.info.sha256)
+        print(f"{len(found)} thresholds from {len(ids)} {args.split} cases written to {out}")
+        return 0
+    report = evaluate(scored.scores, scored.labels, predictor.thresholds)
+    args.json_out.write_text(report.to_json())
+    args.json_out.with_suffix(".md").write_text(report.to_markdown())
+    report.save_roc_png(args.json_out.with_suffix(".png"))
+    print(report.to_markdown())
+    return 0
+
+
+def _train(config_file: Path) -> int:
+    """Train from a YAML file and print where the model went."""
+    from fvlm_pacs.model.train import TrainConfig, train
+
+    try:
+        out = train(TrainConfig.from_yaml(config_file))
+    except (ConfigError, OSError) as exc:
+        print(f"fvlm-pacs: {exc}", file=sys.stderr)
+        return 2
+    print(f"model saved to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "echo":
@@ -233,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         return _mappings_check(args.mappings_dir)
     if args.command == "synth":
         return _synth(args)
+    if args.command in ("eval", "calibrate"):
+        _configure_logging("WARNING")
+        return _zero_shot(args)
+    if args.command == "train":
+        _configure_logging("INFO")
+        return _train(args.config)
     if args.command == "model":
         _configure_logging("INFO")
         return _model_import(args)

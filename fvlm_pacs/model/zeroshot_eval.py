@@ -1,0 +1,80 @@
+"""Zero-shot scores of a labelled dataset, for ``fvlm-pacs eval`` and ``fvlm-pacs calibrate``.
+
+Reads our synthetic layout (``manifest.csv`` + ``case_*/case.npz`` with HU, anatomy labels and
+the LPS affine, ``labels.json`` with per-finding 0/1) — the same label maps the model would get
+from segmentation, so evaluation measures the model, not a segmenter. Which cases are used is
+decided by :func:`fvlm_pacs.evaluation.split_cases`: ``calibrate`` reads the validation part,
+``eval`` the test part, never the other way round.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+
+from fvlm_pacs.domain import LabelMap, Volume
+from fvlm_pacs.evaluation import Split, scores_from_findings, split_cases
+from fvlm_pacs.model.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelledScores:
+    """Per-finding score and label arrays over the same cases (NaN score = not assessable)."""
+
+    case_ids: tuple[str, ...]
+    scores: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+
+
+def dataset_split(manifest: Path, seed: int = 0) -> Split:
+    """The train/validation/test split of a manifest's cases (deterministic per seed)."""
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        ids = [row["case_id"] for row in csv.DictReader(fh)]
+    return split_cases(ids, seed=seed)
+
+
+def load_case(folder: Path, anatomies: tuple[str, ...]) -> tuple[Volume, LabelMap, dict[str, int]]:
+    """One case of the synthetic layout as the predictor's inputs plus its finding labels."""
+    with np.load(folder / "case.npz") as data:
+        hu = data["hu"].astype(np.float32)
+        labels = data["labels"]
+        affine = data["affine"]
+    volume = Volume(
+        voxels=hd.Volume(hu, affine, "PATIENT"),
+        study_instance_uid="",
+        series_instance_uid=folder.name,
+        source_instances=(),
+        sop_class_uid="",
+    )
+    meta = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+    return (
+        volume,
+        LabelMap(array=labels, anatomies=anatomies, source="dataset"),
+        {k: int(v) for k, v in meta["findings"].items()},
+    )
+
+
+def score_cases(predictor: Predictor, root: Path, case_ids: tuple[str, ...]) -> LabelledScores:
+    """Run the predictor on each case; collect scores and ground-truth labels per finding."""
+    findings = []
+    truth: dict[str, list[int]] = {f.name: [] for f in predictor.findings}
+    for i, cid in enumerate(case_ids, start=1):
+        volume, labelmap, labels = load_case(root / cid, predictor.anatomies)
+        findings.append(predictor.predict(volume, labelmap))
+        for name in truth:
+            truth[name].append(labels.get(name, 0))
+        log.info("scored %s (%d/%d)", cid, i, len(case_ids))
+    scores = scores_from_findings(findings)
+    return LabelledScores(
+        case_ids=case_ids,
+        scores={name: scores.get(name, np.full(len(case_ids), np.nan)) for name in truth},
+        labels={name: np.asarray(v, dtype=np.int8) for name, v in truth.items()},
+    )

@@ -1,0 +1,281 @@
+"""Training data and loop: dataset items, augmentation, CT-RATE layout, loss, CLIP, resume, CLI."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fvlm_pacs.cli import main
+from fvlm_pacs.model import FvlmModel, Predictor
+from fvlm_pacs.model.dataset import ManifestDataset, collate, orient_fpl, read_nifti
+from fvlm_pacs.model.train import TrainConfig, lr_factor, train
+from fvlm_pacs.phantoms import FINDINGS, PhantomSpec, write_dataset
+from fvlm_pacs.reports import RuleBasedDecomposer, normal_text, split_report
+
+SMALL = PhantomSpec(shape=(32, 48, 64), spacing=(3.0, 2.0, 2.0))
+CROP = (32, 96, 128)  # covers the whole context of SMALL on the 3x1x1 grid
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default phantom grid (3 x 1.5 x 1.5 mm), as the brief asks."""
+    return write_dataset(6, 7, tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(6, 0, tmp_path_factory.mktemp("small"), spec=SMALL)
+
+
+# -- dataset -------------------------------------------------------------------------------
+def test_items_shapes_range_and_texts(synth: Path) -> None:
+    ds = ManifestDataset(synth, crop=(32, 64, 64), seed=1)
+    dec = RuleBasedDecomposer()
+    assert len(ds) == 6
+    rows = list(csv.DictReader(synth.open(encoding="utf-8")))
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (1, 32, 64, 64) and item["image"].dtype == torch.float32
+        assert item["labels"].shape == (32, 64, 64) and item["labels"].dtype == torch.int64
+        assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+        assert set(item["labels"].unique().tolist()) <= {0, 1, 2, 3, 4}
+        report = (synth.parent / rows[i]["report"]).read_text(encoding="utf-8")
+        parts = dec.decompose(*split_report(report))
+        for k, a in enumerate(ds.anatomies):
+            assert item["texts"][k] == parts[a].text
+            assert bool(item["normal"][k]) == parts[a].normal
+            if parts[a].normal:
+                assert item["texts"][k] == normal_text(a)
+        assert item["findings"].tolist() == [int(rows[i][f]) for f in FINDINGS]
+    # the cached grid is the model's 3 x 1 x 1 mm: 160 rows at 1.5 mm -> up to 240 at 1 mm
+    assert ds.prepared(0).hu.shape[1] > 160
+    # a 32 x 64 x 64 crop cannot hold a whole lung: inside must be false
+    assert not any(bool(ds[(i, d)]["inside"][0]) for i in range(6) for d in range(3))
+    # a crop larger than the context holds every present anatomy
+    big = ManifestDataset(synth, crop=(128, 320, 416), seed=1)
+    item = big[0]
+    assert item["inside"].tolist() == [bool(v > 0) for v in big.prepared(0).voxels[1:]]
+    assert item["inside"].all()
+    batch = collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 1, 32, 64, 64) and len(batch["texts"]) == 2
+
+
+def test_flips_apply_to_image_and_labels_together(small: Path, tmp_path: Path) -> None:
+    plain = ManifestDataset(small, crop=(32, 64, 64), seed=3, flip_p=0.0, cache_dir=tmp_path)
+    flipped = ManifestDataset(small, crop=(32, 64, 64), seed=3, flip_p=1.0, cache_dir=tmp_path)
+    for key in [(0, 0), (2, 5), (4, 11)]:
+        a, b = plain[key], flipped[key]
+        assert a["crop_start"].tolist() == b["crop_start"].tolist()
+        assert b["flips"].all() and not a["flips"].any()
+        assert torch.equal(b["image"], a["image"].flip(1, 2, 3))
+        assert torch.equal(b["labels"], a["labels"].flip(0, 1, 2))
+        assert torch.equal(a["inside"], b["inside"])
+    assert len(list(tmp_path.glob("*.npz"))) == 3  # preprocessed once, cached on disk
+    # same seed and draw -> same item; another draw -> another crop somewhere
+    again = ManifestDataset(small, crop=(32, 64, 64), seed=3, flip_p=0.0, cache_dir=tmp_path)
+    assert torch.equal(again[(2, 5)]["image"], plain[(2, 5)]["image"])
+    starts = {tuple(plain[(2, d)]["crop_start"].tolist()) for d in range(8)}
+    assert len(starts) > 1
+    # eval mode: centred, never flipped
+    ev = ManifestDataset(small, crop=(32, 64, 64), train=False, flip_p=1.0)
+    assert not ev[1]["flips"].any()
+
+
+def test_orientation_follows_the_affine() -> None:
+    a = np.arange(24).reshape(2, 3, 4)
+    aff = np.zeros((4, 4))
+    aff[2, 0], aff[1, 1], aff[0, 2], aff[3, 3] = 3.0, 1.5, 1.5, 1.0  # slices feet -> head
+    (out,), spacing = orient_fpl([a], aff)
+    assert np.array_equal(out, a[::-1]) and spacing == (3.0, 1.5, 1.5)
+    # NIfTI-like (x, y, z) indexing with x to the left, y posterior, z down
+    aff2 = np.zeros((4, 4))
+    aff2[0, 0], aff2[1, 1], aff2[2, 2], aff2[3, 3] = 1.0, 1.0, -2.0, 1.0
+    (out2,), sp2 = orient_fpl([a], aff2)
+    assert np.array_equal(out2, a.transpose(2, 1, 0)) and sp2 == (2.0, 1.0, 1.0)
+
+
+# -- CT-RATE layout ------------------------------------------------------------------------
+def write_nifti(
+    path: Path, array: np.ndarray, affine_ras: np.ndarray, slope: float = 1.0, inter: float = 0.0
+) -> None:
+    """A minimal single-file NIfTI-1 (sform), gzip'd."""
+    codes = {np.dtype(np.int16): (4, 16), np.dtype(np.uint8): (2, 8)}
+    datatype, bitpix = codes[array.dtype]
+    hdr = bytearray(352)
+    struct.pack_into("<i", hdr, 0, 348)
+    struct.pack_into("<8h", hdr, 40, 3, *array.shape, 1, 1, 1, 1)
+    struct.pack_into("<2h", hdr, 70, datatype, bitpix)
+    struct.pack_into("<8f", hdr, 76, 1.0, 1.0, 1.0, 1.0, 0, 0, 0, 0)
+    struct.pack_into("<f", hdr, 108, 352.0)
+    struct.pack_into("<2f", hdr, 112, slope, inter)
+    struct.pack_into("<2h", hdr, 252, 0, 1)
+    struct.pack_into("<12f", hdr, 280, *affine_ras[:3].ravel())
+    hdr[344:348] = b"n+1\0"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(bytes(hdr) + array.tobytes(order="F")))
+
+
+def test_fake_ct_rate_layout_loads(tmp_path: Path) -> None:
+    root = tmp_path / "ct-rate"
+    ds_dir = root / "dataset"
+    shape = (40, 30, 12)  # (x, y, z) as NIfTI stores it
+    aff = np.diag([-1.5, -1.5, 3.0, 1.0])  # RAS: x to the right, y anterior, z head
+    names = ["train_1_a_1.nii.gz", "train_2_a_2.nii.gz", "train_3_b_1.nii.gz"]
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names[:2]):
+        stored = (rng.integers(-1000, 400, shape) + 1024).astype(np.int16)  # raw, needs -1024
+        parts = name.split("_")
+        write_nifti(
+            ds_dir / "train" / f"train_{parts[1]}" / f"train_{parts[1]}_{parts[2]}" / name,
+            stored,
+            aff,
+        )
+        mask = np.zeros(shape, np.uint8)
+        mask[5:30, 5:25, 2:10] = 10 + i  # TotalSegmentator lung lobe ids -> lung
+        mask[15:20, 10:15, 4:8] = 51  # heart
+        write_nifti(root / "masks" / name, mask, aff)
+    reports = ds_dir / "radiology_text_reports" / "train_reports.csv"
+    reports.parent.mkdir(parents=True)
+    with reports.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            [
+                "VolumeName",
+                "ClinicalInformation_EN",
+                "Technique_EN",
+                "Findings_EN",
+                "Impressions_EN",
+            ]
+        )
+        w.writerow([names[0], "", "", "Emphysema in both lungs. Heart normal.", "Emphysema."])
+        w.writerow([names[1], "", "", "Normal.", "No acute findings."])
+        w.writerow([names[2], "", "", "missing volume", ""])
+    labels = ds_dir / "multi_abnormality_labels" / "train_predicted_labels.csv"
+    labels.parent.mkdir(parents=True)
+    cols = ["Medical material", "Emphysema", "Cardiomegaly", "Lung nodule"]
+    with labels.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["VolumeName", *cols])
+        w.writerow([names[0], 0, 1, 0, 1])
+        w.writerow([names[1], 0, 0, 1, 0])
+    meta = ds_dir / "metadata" / "train_metadata.csv"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(
+        f"VolumeName,RescaleSlope,RescaleIntercept\n{names[0]},1,-1024\n{names[1]},1,-1024\n",
+        encoding="utf-8",
+    )
+    (root / "anatomy_descriptions.json").write_text(
+        json.dumps({names[1]: {"heart": "The heart is enlarged."}}), encoding="utf-8"
+    )
+    arr, aff_read, scale = read_nifti(root / "masks" / names[0])
+    assert arr.shape == shape and np.allclose(aff_read, aff) and scale is None
+    ds = ManifestDataset(reports, layout="ct-rate", crop=(16, 64, 64), train=False)
+    assert len(ds) == 2  # the row without a volume is skipped
+    a, b = ds[0], ds[1]
+    assert a["image"].shape == (1, 16, 64, 64) and 0.0 <= float(a["image"].min())
+    assert float(a["image"].max()) <= 1.0
+    prep = ds.prepared(0)
+    assert prep.voxels[1] > 0 and prep.voxels[2] > 0 and prep.voxels[3] == prep.voxels[4] == 0
+    assert prep.hu.min() >= -1024 and prep.hu.max() < 500  # the metadata intercept applied
+    assert a["inside"].tolist() == [True, True, False, False]
+    f = FINDINGS
+    assert a["findings"][f.index("emphysema")] == 1 and a["findings"][f.index("lung_nodule")] == 1
+    assert b["findings"][f.index("cardiomegaly")] == 1
+    assert a["findings"][f.index("hiatal_hernia")] == -1  # not given
+    assert not a["normal"][0] and a["normal"][1]  # decomposed: emphysema in the impression
+    assert b["texts"][1] == "The heart is enlarged." and not b["normal"][1]  # from the JSON
+    assert b["normal"][0] and b["texts"][0] == normal_text("lung")
+
+
+# -- training ----------------------------------------------------------------------------
+def config(manifest: Path, out: Path, **kw: object) -> TrainConfig:
+    base: dict[str, object] = dict(
+        manifest=manifest,
+        out_dir=out,
+        crop=CROP,
+        steps=20,
+        batch_size=6,
+        lr=1e-3,
+        warmup_steps=2,
+        log_every=1,
+        checkpoint_every=100,
+        seed=0,
+        vocab_size=300,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def losses(out: Path) -> list[float]:
+    with (out / "train_log.csv").open(encoding="utf-8") as fh:
+        return [float(r["loss"]) for r in csv.DictReader(fh)]
+
+
+def test_lr_schedule() -> None:
+    f = [lr_factor(s, 10, 100, 0.01) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.01, abs=1e-3)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_fvlm_loss_goes_down_and_the_model_loads(small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    model_dir = train(config(small, out))
+    values = losses(out)
+    assert len(values) == 20
+    assert np.mean(values[-3:]) < np.mean(values[:3])
+    assert (out / "tokenizer" / "vocab.txt").is_file() and (out / "checkpoint.pt").is_file()
+    model = FvlmModel.from_checkpoint(model_dir)
+    assert model.anatomies == ("lung", "heart", "esophagus", "aorta")
+    assert model.encode_text(["Emphysema."]).shape == (1, model.config.embed_dim)
+    predictor = Predictor(model_dir, device="cpu")
+    assert predictor.model.sha256 == model.sha256
+
+
+def test_clip_objective_runs(small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "clip"
+    train(config(small, out, objective="clip", steps=3, batch_size=4))
+    assert len(losses(out)) == 3 and all(np.isfinite(losses(out)))
+    assert (out / "clip_proj.safetensors").is_file() and (out / "model").is_dir()
+
+
+def test_resume_equals_a_straight_run(small: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    train(config(small, straight, steps=8, batch_size=4, lr=1e-3))
+    resumed = tmp_path / "resumed"
+    stopped = train(config(small, resumed, steps=8, batch_size=4, lr=1e-3), stop_after=5)
+    assert stopped.name == "checkpoint.pt"
+    ckpt = torch.load(stopped, map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["scheduler"]["last_epoch"] == 5
+    assert not (resumed / "model").exists()
+    train(config(small, resumed, steps=8, batch_size=4, lr=1e-3))
+    assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
+    a = FvlmModel.from_checkpoint(straight / "model").state_dict()
+    b = FvlmModel.from_checkpoint(resumed / "model").state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    opt_a = torch.load(straight / "checkpoint.pt", weights_only=True)["optimizer"]
+    opt_b = torch.load(resumed / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert float(opt_a["state"][0]["step"]) == float(opt_b["state"][0]["step"]) == 8
+
+
+def test_cli_train(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        f"manifest: {small}\nout_dir: out\ncrop: [32, 96, 128]\nsteps: 2\nbatch_size: 2\n"
+        "warmup_steps: 1\nlog_every: 1\nvocab_size: 200\n",
+        encoding="utf-8",
+    )
+    assert main(["train", "--config", str(cfg)]) == 0
+    assert "model saved to" in capsys.readouterr().out
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"manifest: {small}\nout_dir: out\nstepz: 2\n", encoding="utf-8")
+    assert main(["train", "--config", str(bad)]) == 2
