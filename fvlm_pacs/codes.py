@@ -824,6 +824,16 @@ def _mfail(table: str, where: str, key_path: str, message: str) -> ConfigError:
     return ConfigError(f"{table} {where}: {key_path}: {message}")
 
 
+def _checked_name(node: Mapping[str, Any], table: str, where: str, kp: str) -> str:
+    """A row's ``name``: lower-case letters, digits and ``_`` (it becomes a key elsewhere)."""
+    name = node["name"]
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise _mfail(
+            table, where, f"{kp}.name", f"must be lower case letters, digits and _, got {name!r}"
+        )
+    return name
+
+
 def _read_yaml(path: Path, table: str) -> tuple[Any, str]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -974,14 +984,7 @@ def _parse_profile(
         node = _check_keys(
             item, _ANATOMY_KEYS, ("name", "label", "totalsegmentator", "code"), table, where, kp
         )
-        name = node["name"]
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise _mfail(
-                table,
-                where,
-                f"{kp}.name",
-                f"must be lower case letters, digits and _, got {name!r}",
-            )
+        name = _checked_name(node, table, where, kp)
         if any(a.name == name for a in out):
             raise _mfail(table, where, f"{kp}.name", f"duplicate anatomy name {name!r}")
         label = node["label"]
@@ -1108,14 +1111,7 @@ def parse_findings(
             where,
             kp,
         )
-        name = node["name"]
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise _mfail(
-                table,
-                where,
-                f"{kp}.name",
-                f"must be lower case letters, digits and _, got {name!r}",
-            )
+        name = _checked_name(node, table, where, kp)
         if name in seen:
             raise _mfail(table, where, f"{kp}.name", f"duplicate finding name {name!r}")
         seen.add(name)
