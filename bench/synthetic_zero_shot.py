@@ -2,7 +2,7 @@
 
     python bench/synthetic_zero_shot.py [--cases 240] [--steps 120] [--batch 8] [--lr 1e-4]
         [--seed 0] [--out DIR] [--keep]
-        [--variants fvlm,fvlm-no-correction,clip,mask-count[,fvlm-diag]]
+        [--variants fvlm,fvlm-no-correction,clip,mask-count]
 
 What it does:
 
@@ -51,11 +51,10 @@ What it does:
    (with a paired bootstrap 95 % interval over test cases), and where the models beat the
    mask-count baseline. Writes ``--out/results.json``. Nothing is asserted.
 
-``fvlm-diag`` (opt-in, bench-local, see :func:`diagonal_positives`): ``fvlm-no-correction`` with
-normals of different cases as negatives. The package's ``fvlm-no-correction`` keeps the
-identical-text rule, and every normal anatomy text is the same template, so it trains exactly
-like ``fvlm`` (the bench prints whether the scores are identical); ``fvlm-diag`` is the ablation
-that can show what the correction buys.
+``fvlm-no-correction`` never pairs two normal samples: the package's
+:func:`~fvlm_pacs.model.losses.positive_matrix` pairs identical texts only when one of them is
+abnormal, so without the correction normals of different cases are negatives (per-anatomy
+InfoNCE, the false-negative problem the correction exists for).
 
 Co-teaching (FVLM.md) is reported as not run while the trainer has no such objective.
 Without ``--keep`` the trained models and caches are deleted at the end (the data is kept for
@@ -65,7 +64,6 @@ re-use). Runs on CPU; the default budget was sized for 2 cores (see bench/README
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import logging
@@ -74,7 +72,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,38 +95,9 @@ from fvlm_pacs.reports import normal_text  # noqa: E402
 
 SPEC = PhantomSpec(shape=(48, 96, 128), spacing=(6.0, 2.5, 2.5))
 CROP = (96, 176, 288)
-MODEL_VARIANTS = ("fvlm", "fvlm-no-correction", "clip", "fvlm-diag")
+MODEL_VARIANTS = ("fvlm", "fvlm-no-correction", "clip")
 ALL_VARIANTS = (*MODEL_VARIANTS, "mask-count")
 DEFAULT_VARIANTS = ("fvlm", "fvlm-no-correction", "clip", "mask-count")
-
-
-@contextlib.contextmanager
-def diagonal_positives() -> Iterator[None]:
-    """Bench-local ablation ``fvlm-diag`` (not package code): while active, the trainer's
-    ``fvlm-no-correction`` objective also drops the identical-text positives between two
-    *normal* samples, so normals of different cases are negatives (per-anatomy InfoNCE, the
-    false-negative problem the correction exists for). Needed because every normal anatomy text
-    is the same template, so the package's ``fvlm-no-correction`` pairs all normals anyway and
-    trains exactly like ``fvlm`` (see ``positive_matrix``'s docstring)."""
-    from fvlm_pacs.model import losses
-
-    original = losses.positive_matrix
-
-    def patched(
-        normal: torch.Tensor, texts: Sequence[str], *, normal_correction: bool = True
-    ) -> torch.Tensor:
-        pos = original(normal, texts, normal_correction=normal_correction)
-        if not normal_correction:
-            nb = normal.to(torch.bool)
-            eye = torch.eye(len(texts), dtype=torch.bool, device=pos.device)
-            pos = (pos & ~(nb[:, None] & nb[None, :])) | eye
-        return pos
-
-    losses.positive_matrix = patched  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        losses.positive_matrix = original  # type: ignore[assignment]
 
 
 BOOTSTRAP = 500
@@ -295,7 +263,6 @@ def bootstrap_diff(
 def shorten(column: str) -> str:
     for long, brief in (
         ("fvlm-no-correction", "nocorr"),
-        ("fvlm-diag", "diag"),
         ("@train-grid", "/grid"),
         ("@", "/"),
         ("~tmpl", "~T"),
@@ -386,15 +353,14 @@ def main(argv: list[str] | None = None) -> int:
             min_lr=min(1e-6, args.lr),
             warmup_steps=max(1, args.steps // 10),
             seed=args.seed,
-            objective="fvlm-no-correction" if variant == "fvlm-diag" else variant,
+            objective=variant,
             log_every=max(1, args.steps // 10),
             checkpoint_every=10**9,
             device="cpu",
             name=f"bench-{variant}",
         )
         t0 = time.perf_counter()
-        with diagonal_positives() if variant == "fvlm-diag" else contextlib.nullcontext():
-            model_dir = train(cfg)
+        model_dir = train(cfg)
         train_s = time.perf_counter() - t0
         vocab[variant] = (run_dir / "tokenizer" / "vocab.txt").read_text(encoding="utf-8")
         with (run_dir / "train_log.csv").open(newline="", encoding="utf-8") as fh:
@@ -472,12 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     diffs: dict[str, Any] = {}
     pairs = []
     for view in ("train-grid", "crops", "single"):
-        for other in ("clip", f"fvlm-no-correction@{view}", f"fvlm-diag@{view}"):
+        for other in ("clip", f"fvlm-no-correction@{view}"):
             if f"fvlm@{view}" in scores and other in scores:
                 pairs.append((f"fvlm@{view}", other))
     for a, b in (
         ("fvlm@train-grid~tmpl", "clip~tmpl"),
-        ("fvlm@train-grid~tmpl", "fvlm-diag@train-grid~tmpl"),
+        ("fvlm@train-grid~tmpl", "fvlm-no-correction@train-grid~tmpl"),
     ):
         if a in scores and b in scores:
             pairs.append((a, b))

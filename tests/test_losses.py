@@ -136,14 +136,16 @@ def test_without_correction_varied_normals_do_not_pair() -> None:
     assert torch.equal(pos, torch.eye(3, dtype=torch.bool))
 
 
-def test_without_correction_identical_normal_template_still_pairs() -> None:
-    # the prototype's finding: with one fixed template the correction changes nothing
-    normal = b([True, True, False])
-    texts = [NORMAL, NORMAL, "mass"]
+def test_without_correction_identical_normal_template_does_not_pair() -> None:
+    # Every normal text is the template: pairing them by identical text would make the
+    # correction a no-op (the prototype's observation), so only the correction pairs normals.
+    normal = b([True, True, False, False])
+    texts = [NORMAL, NORMAL, "mass", "mass"]
     off = positive_matrix(normal, texts, normal_correction=False)
     on = positive_matrix(normal, texts, normal_correction=True)
-    assert torch.equal(off, on)
-    assert off[0, 1] and not off[0, 2]
+    assert not off[0, 1] and on[0, 1]
+    assert off[2, 3] and on[2, 3]  # identical abnormal texts pair either way
+    assert not off[0, 2] and not on[0, 2]
 
 
 # -- skip rules ------------------------------------------------------------------------------

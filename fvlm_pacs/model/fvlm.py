@@ -112,7 +112,7 @@ class FvlmModel(nn.Module):
         ).float()
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """[N, embed_dim] L2-normalised prompt/report embeddings ([CLS] -> text_proj)."""
+        """[N, embed_dim] L2-normalised prompt/report embeddings (pooled -> text_proj)."""
         if self.tokenizer is None:
             raise ConfigError("text_model_dir: this model was built without a tokenizer")
         if isinstance(texts, str):
@@ -124,4 +124,5 @@ class FvlmModel(nn.Module):
             list(texts),
             self.config.text.max_tokens,
             self.device,
+            self.config.text.pooling,
         ).float()

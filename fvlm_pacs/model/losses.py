@@ -7,7 +7,9 @@ fixes that false-negative problem with a *positive matrix* P per anatomy:
 
 * ``P_ij = 1`` when ``i == j``;
 * when i and j are both normal for the anatomy (the "normal-sample correction");
-* when their anatomy texts are identical (compared after :func:`normalize_text`).
+* when their anatomy texts are identical (compared after :func:`normalize_text`) and at least
+  one of them is abnormal — two normals pair only through the correction, so switching it off
+  is a real ablation even though every normal text is the same template.
 
 Targets are ``Y = P`` row-normalised, and the loss is the mean of the image→text and text→image
 soft-target cross-entropies. The total is the *sum* over anatomies (not the mean), as the paper.
@@ -60,10 +62,12 @@ def positive_matrix(
     """The [N, N] bool positive matrix P of one anatomy (see the module docstring).
 
     ``normal`` is bool [N]; ``texts`` the N anatomy texts. The diagonal is always positive, so
-    every row has at least one positive and ``Y = P / P.sum(1)`` is well defined. With
-    ``normal_correction=False`` normals are still paired when their texts are identical: with the
-    fixed normal template ("{anatomy} shows no significant abnormalities.") the correction then
-    changes nothing, which is what the prototype observed.
+    every row has at least one positive and ``Y = P / P.sum(1)`` is well defined. Identical
+    texts pair only when at least one of the two samples is abnormal: whether two *normal*
+    samples are positives is exactly what the correction decides. Every normal anatomy text is
+    the same template, so pairing normals by identical text would make ``normal_correction=False``
+    train exactly like the correction (what the issue's prototype observed) and the ablation
+    would measure nothing.
     """
     n = len(texts)
     if normal.shape != (n,):
@@ -73,11 +77,12 @@ def positive_matrix(
     codes = torch.tensor(
         [ids.setdefault(normalize_text(t), len(ids)) for t in texts], device=device
     )
-    pos = codes[:, None] == codes[None, :]
+    nb = normal.to(torch.bool)
+    both_normal = nb[:, None] & nb[None, :]
+    pos = (codes[:, None] == codes[None, :]) & ~both_normal
     pos |= torch.eye(n, dtype=torch.bool, device=device)
     if normal_correction:
-        nb = normal.to(torch.bool)
-        pos |= nb[:, None] & nb[None, :]
+        pos |= both_normal
     return pos
 
 

@@ -117,14 +117,18 @@ def embed_texts(
     texts: list[str],
     max_tokens: int,
     device: torch.device,
+    pooling: str = "cls",
 ) -> torch.Tensor:
-    """[N, embed_dim] L2-normalised embeddings of ``texts`` ([CLS] of the last layer)."""
+    """[N, embed_dim] L2-normalised embeddings of ``texts``: the last layer's [CLS], or with
+    ``pooling="mean"`` its mean over the non-padding tokens (see ``TextConfig.pooling``)."""
     batch = tokenizer(
         list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
     )
-    out = encoder(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-    )
-    cls = out.last_hidden_state[:, 0]
-    return nn.functional.normalize(proj(cls), dim=-1)
+    mask = batch["attention_mask"].to(device)
+    hidden = encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    else:
+        pooled = hidden[:, 0]
+    return nn.functional.normalize(proj(pooled), dim=-1)
