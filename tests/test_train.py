@@ -246,6 +246,22 @@ def test_clip_objective_runs(small: Path, tmp_path: Path) -> None:
     assert (out / "clip_proj.safetensors").is_file() and (out / "model").is_dir()
 
 
+def test_coteaching_trains_two_networks_and_resumes(small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "coteach"
+    cfg = config(small, out, objective="fvlm-coteach", steps=4, batch_size=4, lr=1e-3)
+    stopped = train(cfg, stop_after=2)
+    ckpt = torch.load(stopped, map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["peer"].keys() == ckpt["module"].keys()
+    # the peer starts from its own random stream: two different networks, one objective each
+    key = "model.text_proj.weight"
+    assert not torch.equal(ckpt["peer"][key], ckpt["module"][key])
+    model_dir = train(cfg)
+    values = losses(out)
+    assert len(values) == 4 and all(np.isfinite(values))
+    # the first network is the one saved; it loads like any fVLM model
+    assert FvlmModel.from_checkpoint(model_dir).anatomies == ("lung", "heart", "esophagus", "aorta")
+
+
 def test_resume_equals_a_straight_run(small: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
     train(config(small, straight, steps=8, batch_size=4, lr=1e-3))

@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["OBJECTIVES", "TrainConfig", "build_vocab", "lr_factor", "train"]
 
-OBJECTIVES = ("fvlm", "fvlm-no-correction", "clip")
+OBJECTIVES = ("fvlm", "fvlm-no-correction", "fvlm-coteach", "clip")
 CHECKPOINT = "checkpoint.pt"
 LOG_FILE = "train_log.csv"
 
@@ -118,6 +118,7 @@ class TrainConfig:
     amp: bool = True
     name: str = "fvlm-trained"
     version: str = "1"
+    coteach_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         for key in ("manifest", "out_dir", "text_dir", "init_from", "cache_dir"):
@@ -139,6 +140,8 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
         if self.warmup_steps < 0 or self.num_workers < 0:
             raise ConfigError("warmup_steps and num_workers must be >= 0")
+        if not 0.0 <= self.coteach_alpha <= 1.0:
+            raise ConfigError(f"coteach_alpha: must be in [0, 1], got {self.coteach_alpha}")
         if not 0 < self.min_lr <= self.lr:
             raise ConfigError(f"min_lr: must be in (0, lr={self.lr}], got {self.min_lr}")
 
@@ -399,7 +402,17 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
         dataset.anatomies = model.anatomies
     module = _Objective(model).to(device)
     module.train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    coteach = cfg.objective == "fvlm-coteach"
+    # Co-teaching (FVLM.md): a second network of the same shape, initialised from its own random
+    # stream, trained side by side; each softens the other's targets. Only the first is saved.
+    peer: _Objective | None = None
+    if coteach:
+        torch.manual_seed(cfg.seed + 1)
+        peer = _Objective(_build_model(cfg, tokenizer)).to(device)
+        peer.train()
+        torch.manual_seed(cfg.seed)
+    trained = nn.ModuleDict({"model": module, **({"peer": peer} if peer is not None else {})})
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ratio = cfg.min_lr / cfg.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, ratio)
@@ -409,18 +422,26 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         module.load_state_dict(ckpt["module"])
+        if peer is not None:
+            peer.load_state_dict(ckpt["peer"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start = int(ckpt["step"])
         _set_rng_state(ckpt["rng"])
         log.info("resuming from %s at step %d", ckpt_path, start)
     wrapped: nn.Module = module
+    wrapped_peer: nn.Module | None = peer
     if dist_on:
-        wrapped = nn.parallel.DistributedDataParallel(
-            module,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,
-        )
+
+        def ddp(m: nn.Module) -> nn.Module:
+            return nn.parallel.DistributedDataParallel(
+                m,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+
+        wrapped = ddp(module)
+        wrapped_peer = ddp(peer) if peer is not None else None
 
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     loader = DataLoader(
@@ -459,6 +480,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
                 ckpt_path,
                 {
                     "module": module.state_dict(),
+                    **({"peer": peer.state_dict()} if peer is not None else {}),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "step": step,
@@ -476,6 +498,8 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
         texts = batch["report"] if clip else [t for row in batch["texts"] for t in row]
         with autocast():
             v, t = wrapped(image, labels, texts, clip)
+            if wrapped_peer is not None:
+                pv, pt = wrapped_peer(image, labels, texts, False)
         v, t = gather_with_grad(v.float()), gather_with_grad(t.float())
         tau = model.temp.clamp(model.config.temperature_min, model.config.temperature_max)
         per: dict[int, float] = {}
@@ -485,19 +509,31 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
             # flags travel as uint8: not every backend all-gathers bool
             normal = gather_with_grad(batch["normal"].to(device, torch.uint8)).bool()
             inside = gather_with_grad(batch["inside"].to(device, torch.uint8)).bool()
-            loss, per = fvlm_loss(
-                v,
-                t,
-                normal,
-                inside,
-                gather_objects(batch["texts"]),
-                tau,
-                normal_correction=cfg.objective == "fvlm",
-            )
+            all_texts = gather_objects(batch["texts"])
+            correction = cfg.objective != "fvlm-no-correction"
+            if peer is None:
+                loss, per = fvlm_loss(
+                    v, t, normal, inside, all_texts, tau, normal_correction=correction
+                )
+            else:
+                pv, pt = gather_with_grad(pv.float()), gather_with_grad(pt.float())
+                pm = peer.model
+                peer_tau = pm.temp.clamp(pm.config.temperature_min, pm.config.temperature_max)
+                loss, per = fvlm_loss(
+                    v, t, normal, inside, all_texts, tau,
+                    peer_image_emb=pv, peer_text_emb=pt, peer_tau=peer_tau,
+                    alpha=cfg.coteach_alpha,
+                )  # fmt: skip
+                peer_loss, _ = fvlm_loss(
+                    pv, pt, normal, inside, all_texts, peer_tau,
+                    peer_image_emb=v, peer_text_emb=t, peer_tau=tau,
+                    alpha=cfg.coteach_alpha,
+                )  # fmt: skip
+                loss = loss + peer_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
