@@ -65,3 +65,22 @@ class GeometryError(PipelineError):
     """The chosen series cannot be assembled into a regular volume."""
 
     retryable = False
+
+
+class OutputError(PipelineError):
+    """An SR/SEG/summary object could not be written or failed validation; never exported."""
+
+    retryable = False
+
+
+class ExportError(FvlmPacsError):
+    """Sending results to one destination failed.
+
+    ``retryable`` is set per instance: a refused connection, a timeout, a 0xA7xx status or HTTP
+    5xx/429 may pass (back off and retry); an association rejection, an unsupported SOP class or
+    HTTP 4xx will not (dead-letter at once, no retry storm).
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable

@@ -15,6 +15,8 @@ Which SEG, and which segments:
   whose Segment Label, normalised (case, spaces, hyphens), equals an anatomy name ("Lung",
   "heart") counts for that anatomy — segmenters that use private or finer codes still label
   segments readably. A code match always wins over a label match.
+* SEGs whose Manufacturer is ours (:data:`fvlm_pacs.writers.equipment.MANUFACTURER`) are
+  ignored: they are our own outputs, sent back by the PACS.
 * Of several usable SEGs, the newest wins: Content Date/Time, then Instance Number, then Series
   Number. If it cannot be decoded, the next newest is tried.
 
@@ -43,6 +45,7 @@ from fvlm_pacs.codes import AnatomyTable
 from fvlm_pacs.domain import LabelMap, Volume
 from fvlm_pacs.segmentation.base import SegmentationUnavailable
 from fvlm_pacs.segmentation.grid import merge_anatomy_masks, place_on_grid
+from fvlm_pacs.writers.equipment import MANUFACTURER as OUR_MANUFACTURER
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +118,18 @@ class DicomSegProvider:
         found: list[_Candidate] = []
         for path in study_paths:
             try:
-                head = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+                head = pydicom.dcmread(
+                    path, stop_before_pixels=True, specific_tags=["SOPClassUID", "Manufacturer"]
+                )
             except (InvalidDicomError, OSError, ValueError) as exc:
                 logger.debug("skipping unreadable file %s: %s", path.name, exc)
                 continue
             if str(head.get("SOPClassUID", "")) != SEGMENTATION_STORAGE:
+                continue
+            if str(head.get("Manufacturer", "") or "") == OUR_MANUFACTURER:
+                # our own output sent back by the PACS: segmenting from it would feed a previous
+                # run's anatomies into this one instead of the site's segmentation
+                rejected.append(f"SEG {path.name}: written by fvlm_pacs itself (ignored)")
                 continue
             try:
                 header = pydicom.dcmread(path, stop_before_pixels=True)
