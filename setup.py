@@ -14,7 +14,14 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["fvlm_pacs", "fvlm_pacs.*"]),
     package_data={
-        "fvlm_pacs": ["py.typed", "migrations/script.py.mako", "migrations/versions/*.py"],
+        "fvlm_pacs": [
+            "py.typed",
+            "migrations/script.py.mako",
+            "migrations/versions/*.py",
+            "templates/*.html",
+            # the demo model (`--model demo`), built by `fvlm-pacs model build-demo`
+            "models/demo/*",
+        ],
     },
     data_files=[("share/fvlm_pacs/mappings", sorted(glob("mappings/*")))],
     install_requires=[
@@ -41,9 +48,14 @@ setup(
         "pyyaml>=6",
         "fastapi>=0.110",
         "uvicorn>=0.29",
+        "jinja2>=3.1",  # the worklist page (autoescaped template)
+        "pillow>=10",  # summary image (PNG + Secondary Capture)
         "python-multipart>=0.0.9",
         "prometheus-client>=0.20",
         "rich>=13",
+        # export: STOW-RS client (and the HTTP library it and the export code use)
+        "dicomweb-client>=0.61",  # timeout= on the client
+        "requests>=2.31",
     ],
     extras_require={
         "test": [
@@ -52,6 +64,7 @@ setup(
             "httpx>=0.27",
             "requests>=2.31",
             "einops>=0.7",
+            "hl7>=0.4.5",  # an independent parser reads what the HL7 export sent
         ],
         "dev": ["mypy>=1.10", "ruff>=0.5", "types-PyYAML", "types-requests"],
         "totalseg": ["TotalSegmentator>=2.4", "nibabel>=5"],

@@ -1,10 +1,13 @@
-"""HTTP API: health, Prometheus metrics, studies and jobs as JSON, job retry, STOW-RS intake.
+"""HTTP API: health, Prometheus metrics, studies, jobs and exports as JSON, retry, STOW-RS intake,
+the worklist (JSON and a server-rendered page).
 
 Responses identify studies by Study Instance UID and jobs by id, never by patient name.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 from dataclasses import dataclass
@@ -12,14 +15,16 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from fvlm_pacs import __version__
 from fvlm_pacs.config import Settings
-from fvlm_pacs.db import Job, Result, Series, Study, audit
+from fvlm_pacs.db import Export, Job, Result, Series, Study, audit, utcnow
+from fvlm_pacs.export.queue import STATES as EXPORT_STATES
+from fvlm_pacs.export.queue import ExportQueue
 from fvlm_pacs.ingest.dicomweb import StowRequestError, store_instances
 from fvlm_pacs.ingest.intake import Intake
 from fvlm_pacs.jobs.queue import STATES, JobQueue
@@ -37,6 +42,7 @@ class AppContext:
     intake: Intake
     queue: JobQueue
     metrics: Metrics
+    exports: ExportQueue | None = None  # None: the export endpoints build one from settings
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -61,6 +67,31 @@ def job_json(job: Job) -> dict[str, Any]:
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
     }
+
+
+def export_json(export: Export, study_instance_uid: str | None) -> dict[str, Any]:
+    return {
+        "id": export.id,
+        "result_id": export.result_id,
+        "study_instance_uid": study_instance_uid,
+        "destination": export.destination,
+        "state": export.state,
+        "attempts": export.attempts,
+        "next_attempt_at": _iso(export.next_attempt_at),
+        "last_error": export.last_error,
+        "lease_owner": export.lease_owner,
+        "created_at": _iso(export.created_at),
+        "updated_at": _iso(export.updated_at),
+    }
+
+
+def _exports_query() -> Any:
+    """Exports with the Study Instance UID of their result, newest first."""
+    return (
+        select(Export, Result.study_instance_uid)
+        .join(Result, Result.id == Export.result_id)
+        .order_by(Export.id.desc())
+    )
 
 
 _STATUS_OF_JOB = {
@@ -89,27 +120,65 @@ def _latest_jobs(session: Session, uids: list[str]) -> dict[str, Job]:
     return {job.study_instance_uid: job for job in jobs}  # last one wins
 
 
+def _given_token(request: Request) -> bytes | None:
+    """The token of ``Authorization: Bearer <token>``, or the password of ``Basic`` (any user
+    name): a browser can only send the latter, and does so for the worklist page's links too."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return given.strip().encode()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(given.strip(), validate=True).partition(b":")[2]
+        except (binascii.Error, ValueError):
+            return None
+    return None
+
+
 def require_token(request: Request) -> str:
     """Bearer-token check when ``api_tokens`` is set; returns an actor name for audit."""
     tokens: list[bytes] = request.app.state.api_tokens
     if not tokens:
         return "anonymous"
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and any(
-        hmac.compare_digest(given.strip().encode(), t) for t in tokens
-    ):
+    given = _given_token(request)
+    if given is not None and any(hmac.compare_digest(given, t) for t in tokens):
         return "token"
     raise HTTPException(
         401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
     )
 
 
+def require_page_token(request: Request) -> str:
+    """:func:`require_token` for pages a browser opens: the challenge is HTTP Basic, so the
+    browser asks for the token (as the password) once and sends it with every refresh."""
+    try:
+        return require_token(request)
+    except HTTPException:
+        raise HTTPException(
+            401,
+            "the token is required (as the password; any user name)",
+            headers={"WWW-Authenticate": 'Basic realm="fvlm_pacs", charset="UTF-8"'},
+        ) from None
+
+
 Actor = Annotated[str, Depends(require_token)]
+PageActor = Annotated[str, Depends(require_page_token)]
+
+PAGE_HEADERS = {
+    # the page is self-contained: no script, no external asset, nothing may embed it
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'"
+    ),
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def create_app(ctx: AppContext) -> FastAPI:
     app = FastAPI(title="fvlm_pacs", version=__version__)
     app.state.api_tokens = [t.get_secret_value().encode() for t in ctx.settings.api_tokens]
+    exports = ctx.exports or ExportQueue.from_settings(ctx.sessions, ctx.settings)
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -124,6 +193,8 @@ def create_app(ctx: AppContext) -> FastAPI:
     def metrics() -> PlainTextResponse:
         for state, n in ctx.queue.depth().items():
             ctx.metrics.queue_depth.labels(state).set(n)
+        for (destination, state), n in exports.depth().items():
+            ctx.metrics.exports.labels(destination, state).set(n)
         return PlainTextResponse(
             generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST
         )
@@ -185,6 +256,9 @@ def create_app(ctx: AppContext) -> FastAPI:
                 .order_by(Result.id.desc())
                 .limit(1)
             ).first()
+            study_exports = session.execute(
+                _exports_query().where(Result.study_instance_uid == study_uid)
+            ).all()
         latest = jobs[-1] if jobs else None
         # The newest job that looked at the series (succeeded or failed) explains the choice.
         explained = next((j for j in reversed(jobs) if j.detail), None)
@@ -217,6 +291,7 @@ def create_app(ctx: AppContext) -> FastAPI:
             }
             if result
             else None,
+            "exports": [export_json(e, uid) for e, uid in study_exports],
         }
 
     @app.get("/api/jobs")
@@ -251,6 +326,76 @@ def create_app(ctx: AppContext) -> FastAPI:
         except ValueError as exc:
             raise HTTPException(409, str(exc)) from None
         return job_json(job)
+
+    @app.get("/api/exports")
+    def list_exports(
+        _actor: Actor,
+        state: str | None = Query(None, description=f"one of {', '.join(EXPORT_STATES)}"),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        if state is not None and state not in EXPORT_STATES:
+            raise HTTPException(400, f"state must be one of {', '.join(EXPORT_STATES)}")
+        query = _exports_query().limit(limit)
+        if state:
+            query = query.where(Export.state == state)
+        with ctx.sessions() as session:
+            rows = session.execute(query).all()
+        return {"exports": [export_json(e, uid) for e, uid in rows]}
+
+    @app.get("/api/exports/{export_id}")
+    def get_export(export_id: int, _actor: Actor) -> dict[str, Any]:
+        with ctx.sessions() as session:
+            row = session.execute(_exports_query().where(Export.id == export_id)).first()
+        if row is None:
+            raise HTTPException(404, "no such export")
+        return export_json(*row)
+
+    @app.post("/api/exports/{export_id}/retry")
+    def retry_export(export_id: int, actor: Actor) -> dict[str, Any]:
+        try:
+            exports.retry(export_id, actor=f"api:{actor}")
+        except KeyError:
+            raise HTTPException(404, "no such export") from None
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
+        with ctx.sessions() as session:
+            row = session.execute(_exports_query().where(Export.id == export_id)).one()
+        return export_json(*row)
+
+    from fvlm_pacs.worklist import WorklistPage, WorklistQuery, load_worklist  # imports api
+
+    page = WorklistPage()
+
+    def worklist_data(request: Request, query: WorklistQuery) -> dict[str, Any]:
+        with ctx.sessions() as session:
+            return load_worklist(
+                session, query, now=utcnow(), base_url=request.scope.get("root_path", "")
+            )
+
+    @app.get("/api/worklist")
+    def worklist(
+        request: Request,
+        _actor: Actor,
+        hours: float = Query(24.0, gt=0, le=24 * 366),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        return worklist_data(request, WorklistQuery(hours, limit, offset))
+
+    @app.get("/", response_class=HTMLResponse)
+    def worklist_page(
+        request: Request,
+        _actor: PageActor,
+        hours: float = Query(24.0, gt=0, le=24 * 366),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+        refresh: int = Query(30, ge=5, le=3600),
+    ) -> HTMLResponse:
+        data = worklist_data(request, WorklistQuery(hours, limit, offset))
+        html = page.render(
+            data, refresh_seconds=refresh, base_url=request.scope.get("root_path", "")
+        )
+        return HTMLResponse(html, headers=PAGE_HEADERS)
 
     async def stow(request: Request, actor: str, study_uid: str | None) -> JSONResponse:
         declared = request.headers.get("content-length")

@@ -1161,7 +1161,8 @@ def load_findings(
 
 
 def check_mappings(directory: Path | None = None) -> list[str]:
-    """Load and validate every table of a ``mappings/`` folder; return a readable summary.
+    """Load and validate every table of a ``mappings/`` folder (triage rules included); return a
+    readable summary.
 
     Raises :class:`ConfigError` on the first problem, so a site can test its own tables before
     pointing the service at them (``fvlm-pacs mappings check``).
@@ -1197,6 +1198,9 @@ def check_mappings(directory: Path | None = None) -> list[str]:
             if f.name not in seen and f.code.verification == "unverified":
                 unverified.append(f"finding {f.name} {f.code}")
             seen.add(f.name)
+    from fvlm_pacs.triage import load_triage_rules  # triage builds on this module
+
+    lines.append(load_triage_rules(directory / "triage.yaml", known_findings=seen).describe())
     if unverified:
         lines.append(f"{len(unverified)} codes still unverified (see mappings/README.md):")
         lines += [f"  {u}" for u in unverified]

@@ -83,8 +83,42 @@ class FolderDestination(_Frozen):
     path: Path
 
 
+_HL7_HD = re.compile(r"^[^|^~\\&\r\n]{0,180}$")  # an HD namespace id without HL7 delimiters
+
+
+def _check_hl7_name(value: str) -> str:
+    value = value.strip()
+    if not _HL7_HD.match(value):
+        raise ValueError("HL7 application/facility names are ≤ 180 characters without | ^ ~ \\ &")
+    return value
+
+
+class Hl7Destination(_Frozen):
+    """HL7 v2.5.1 ORU^R01 over MLLP (a RIS or interface engine): findings and triage priority.
+
+    The application/facility names fill MSH-3..6; ``result_status`` fills OBR-25 and OBX-11
+    (``F`` final, or ``P`` preliminary for a receiver that treats unverified AI output as such).
+    """
+
+    name: str
+    kind: Literal["hl7"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "FVLM_PACS"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    timeout: float = Field(30.0, gt=0, description="Connect and ACK timeout, seconds.")
+    result_status: Literal["F", "P"] = "F"
+
+    _check = field_validator(
+        "sending_application", "sending_facility", "receiving_application", "receiving_facility"
+    )(_check_hl7_name)
+
+
 Destination = Annotated[
-    DimseDestination | DicomwebDestination | FolderDestination, Field(discriminator="kind")
+    DimseDestination | DicomwebDestination | FolderDestination | Hl7Destination,
+    Field(discriminator="kind"),
 ]
 
 
@@ -136,6 +170,18 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, wait this long for running jobs before releasing."
     )
+    export_max_attempts: int = Field(
+        10, ge=1, description="Attempts per (result, destination) before the export is dead."
+    )
+    export_backoff_seconds: float = Field(
+        30.0, ge=0, description="First export retry delay; doubles per attempt."
+    )
+    export_backoff_max_seconds: float = Field(
+        3600.0, ge=0, description="Longest delay between two export attempts."
+    )
+    export_timeout_seconds: float = Field(
+        60.0, gt=0, description="Connect/response timeout of one DIMSE or HTTP export step."
+    )
     model_dir: Path | None = Field(
         None, description="fVLM model folder (our format); unset = jobs stop after assembly."
     )
@@ -154,6 +200,19 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
 
     _check_ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destination_names(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
+        # Export rows are keyed by (result, destination name): two destinations with one name
+        # would share one delivery record, and the name column holds 64 characters.
+        names = [d.name for d in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique (repeated: {', '.join(dupes)})")
+        if any(not n or len(n) > 64 for n in names):
+            raise ValueError("a destination name is 1-64 characters")
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -23,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Select,
     String,
     Text,
     UniqueConstraint,
@@ -35,6 +36,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 log = logging.getLogger(__name__)
+
+#: any SELECT statement; claim helpers return the statement they were given, typed the same
+SelectT = TypeVar("SelectT", bound=Select)
 
 UID = String(64)
 
@@ -163,10 +167,17 @@ class Result(Base):
 
 
 class Export(Base):
-    """One (result, destination) delivery with its own retry state."""
+    """One (result, destination) delivery with its own retry state.
+
+    ``pending → sending → done | dead``; a ``sending`` row holds a lease its worker renews, so a
+    crashed sender's row is claimed again once ``lease_expires_at`` has passed.
+    """
 
     __tablename__ = "exports"
-    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+    __table_args__ = (
+        UniqueConstraint("result_id", "destination"),
+        Index("ix_exports_claim", "destination", "state", "next_attempt_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
@@ -175,6 +186,8 @@ class Export(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -269,6 +282,17 @@ def audit(
             detail=detail,
         )
     )
+
+
+def skip_locked(session: Any, query: SelectT) -> SelectT:
+    """Lock the rows a claim query selects, skipping rows other claimers hold (PostgreSQL).
+
+    Many workers on many hosts can then claim from one table without waiting on each other; on
+    SQLite the ``BEGIN IMMEDIATE`` write lock already serialises claimers, so nothing is added.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return query.with_for_update(skip_locked=True)
+    return query
 
 
 def insert_ignore(session: Any, model: Any, values: dict[str, Any], keys: list[str]) -> int:

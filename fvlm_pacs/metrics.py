@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
-    """Counters and histograms the SCP, STOW-RS intake, sweep and workers update."""
+    """Counters and histograms the SCP, STOW-RS intake, sweep, workers and exporters update."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -36,4 +36,17 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "fvlm_jobs", "Jobs by state (read from the database at scrape)", ["state"], registry=r
+        )
+        self.exports = Gauge(
+            "fvlm_exports",
+            "Exports by destination and state (read from the database at scrape)",
+            ["destination", "state"],
+            registry=r,
+        )
+        self.export_duration = Histogram(
+            "fvlm_export_send_seconds",
+            "Time of one export attempt (all objects of a result to one destination)",
+            ["destination", "outcome"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=r,
         )

@@ -1,8 +1,9 @@
-"""Assembles one process from the parts: SCP, HTTP API, completion sweep, worker pool.
+"""Assembles one process from the parts: SCP, HTTP API, completion sweep, worker pool, exporter.
 
-``serve`` runs all four; ``worker`` runs only the pool (more workers on PostgreSQL). The order of
-start and stop matters: the database is migrated and the spool reconciled before the SCP accepts
-anything; on shutdown the SCP stops accepting first and the workers finish or release last.
+``serve`` runs all five; ``worker`` runs only the pool and the exporter (more of both on
+PostgreSQL). The order of start and stop matters: the database is migrated and the spool
+reconciled before the SCP accepts anything; on shutdown the SCP stops accepting first, the
+workers finish or release their jobs (whose results may still add exports), the exporter last.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from fvlm_pacs.codes import load_anatomies, load_series_rules
 from fvlm_pacs.config import Settings
 from fvlm_pacs.db import make_engine, session_factory, upgrade
 from fvlm_pacs.errors import ConfigError
+from fvlm_pacs.export import make_destination
+from fvlm_pacs.export.queue import ExportQueue
+from fvlm_pacs.export.worker import ExportWorker
 from fvlm_pacs.ingest.intake import Intake
 from fvlm_pacs.ingest.scp import StorageSCP
 from fvlm_pacs.ingest.spool import FolderSpool
@@ -36,6 +40,7 @@ from fvlm_pacs.jobs.worker import WorkerPool
 from fvlm_pacs.metrics import Metrics
 from fvlm_pacs.pipeline import PipelineContext, Stages, run_study
 from fvlm_pacs.studies.completion import CompletionSweep
+from fvlm_pacs.triage import load_triage_rules
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ class Parts:
     queue: JobQueue
     sweep: CompletionSweep
     pipeline: PipelineContext
+    exports: ExportQueue
 
 
 def build_stages(settings: Settings) -> Stages:
@@ -86,7 +92,13 @@ def build_stages(settings: Settings) -> Stages:
     except SegmentationUnavailable as exc:
         raise ConfigError(f"segmentation_provider: {exc}") from None
     predictor = Predictor(settings.model_dir, anatomy_table=table, mode=settings.inference_mode)
-    return Stages(series_rules=rules, segmenter=segmenter, predictor=predictor)
+    return Stages(
+        series_rules=rules,
+        segmenter=segmenter,
+        predictor=predictor,
+        anatomy_table=table,
+        triage_rules=load_triage_rules(),
+    )
 
 
 def build(settings: Settings) -> Parts:
@@ -97,6 +109,7 @@ def build(settings: Settings) -> Parts:
     spool = FolderSpool(settings.spool_dir)
     metrics = Metrics()
     stages = build_stages(settings)
+    exports = ExportQueue.from_settings(sessions, settings)
     return Parts(
         settings=settings,
         engine=engine,
@@ -108,6 +121,7 @@ def build(settings: Settings) -> Parts:
             sessions,
             lease_seconds=settings.job_lease_seconds,
             backoff_seconds=settings.job_backoff_seconds,
+            on_result=exports.enqueue_result,  # export rows commit with their result
         ),
         sweep=CompletionSweep(
             sessions,
@@ -116,7 +130,14 @@ def build(settings: Settings) -> Parts:
             max_attempts=settings.job_max_attempts,
             metrics=metrics,
         ),
-        pipeline=PipelineContext(sessions=sessions, spool=spool, stages=stages),
+        pipeline=PipelineContext(
+            sessions=sessions,
+            spool=spool,
+            stages=stages,
+            outputs_root=settings.data_dir / "outputs",  # export reads output paths from here
+            installation=settings.ae_title,
+        ),
+        exports=exports,
     )
 
 
@@ -129,6 +150,7 @@ def make_app(parts: Parts) -> FastAPI:
             intake=parts.intake,
             queue=parts.queue,
             metrics=parts.metrics,
+            exports=parts.exports,
         )
     )
 
@@ -141,6 +163,21 @@ def make_worker_pool(parts: Parts) -> WorkerPool:
         parts.queue,
         run,
         threads=parts.settings.workers,
+        lease_seconds=parts.settings.job_lease_seconds,
+        poll_seconds=min(1.0, parts.settings.resolved_sweep_interval),
+        metrics=parts.metrics,
+    )
+
+
+def make_export_worker(parts: Parts) -> ExportWorker:
+    """One sender thread per configured destination; a destination that cannot be built (an
+    unknown kind, HL7 not installed) stops the process here, at start."""
+    destinations = {
+        d.name: make_destination(d, parts.settings) for d in parts.settings.destinations
+    }
+    return ExportWorker(
+        parts.exports,
+        destinations,
         lease_seconds=parts.settings.job_lease_seconds,
         poll_seconds=min(1.0, parts.settings.resolved_sweep_interval),
         metrics=parts.metrics,
@@ -180,6 +217,7 @@ def serve(settings: Settings) -> None:
         log.warning("start-up: %d spool files indexed", recovered)
     scp = StorageSCP(settings, parts.intake, parts.sessions, parts.metrics)
     workers = make_worker_pool(parts)
+    exporter = make_export_worker(parts)
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(
         _sweep_safely,
@@ -202,6 +240,7 @@ def serve(settings: Settings) -> None:
     scp.start()
     scheduler.start()
     workers.start()
+    exporter.start()
     log.info("HTTP API on http://%s:%d (SIGTERM or Ctrl-C to stop)", *sock.getsockname()[:2])
     try:
         server.run(sockets=[sock])  # returns on SIGINT/SIGTERM (uvicorn's handlers)
@@ -209,15 +248,18 @@ def serve(settings: Settings) -> None:
         log.info("shutting down")
         scp.stop(grace_seconds=min(10.0, settings.shutdown_grace_seconds))
         scheduler.shutdown(wait=True)
+        exporter.request_stop()  # sends in progress finish while the workers do
         workers.stop(settings.shutdown_grace_seconds)
+        exporter.stop(settings.shutdown_grace_seconds)
         parts.engine.dispose()
         log.info("stopped")
 
 
 def work(settings: Settings) -> None:
-    """Run only a worker pool (and no SCP/HTTP) until SIGINT/SIGTERM."""
+    """Run only a worker pool and the exporter (no SCP/HTTP) until SIGINT/SIGTERM."""
     parts = build(settings)
     workers = make_worker_pool(parts)
+    exporter = make_export_worker(parts)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -227,7 +269,10 @@ def work(settings: Settings) -> None:
     for sig in _STOP_SIGNALS:
         signal.signal(sig, on_signal)
     workers.start()
+    exporter.start()
     while not stop.wait(1.0):
         pass
+    exporter.request_stop()
     workers.stop(settings.shutdown_grace_seconds)
+    exporter.stop(settings.shutdown_grace_seconds)
     parts.engine.dispose()

@@ -4,9 +4,11 @@ through `run_stages`, `fvlm-pacs run`, and a job in `serve`'s worker path."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -21,6 +23,8 @@ from fvlm_pacs.pipeline import STAGES_VERSION, Stages, run_stages, run_study
 from fvlm_pacs.segmentation import make_provider
 from fvlm_pacs.service import build, build_stages
 from fvlm_pacs.studies.completion import CompletionSweep
+from fvlm_pacs.triage import assess
+from fvlm_pacs.writers.validate import validate_files
 from tests.test_predictor import build_model_dir
 from tests.test_segmentation import anatomy_segments, boxes, make_study, write_seg
 
@@ -52,6 +56,12 @@ def check_findings(result: dict) -> None:
             assert f["score"] is None and f["status"] == "not_assessable"
     assert set(result["not_assessable"]) == {"esophagus", "aorta"}
     assert result["segmentation"]["source"] == "dicom-seg"
+    # triage is stored with the result and agrees with the findings it was made from
+    triage = result["triage"]
+    assert triage == assess(result["findings"]).as_dict()
+    flagged = {f["finding"] for f in triage["flags"]}
+    assert flagged <= {f["finding"] for f in findings.values() if f["status"] == "present"}
+    assert {n["anatomy"] for n in triage["not_assessable"]} <= {"esophagus", "aorta"}
 
 
 def test_run_stages_with_model_and_dicom_seg(model_dir: Path, study) -> None:
@@ -132,3 +142,99 @@ def test_serve_with_a_broken_model_dir_fails_at_start(tmp_path, capsys) -> None:
     settings_file.write_text(f"model_dir: {broken}\n")
     assert main([*argv, "--config", str(settings_file)]) == 2
     assert "cannot start" in capsys.readouterr().err
+
+
+# -- DICOM outputs ---------------------------------------------------------------------------
+def _stages(model_dir: Path) -> Stages:
+    return Stages(
+        series_rules=load_series_rules(),
+        segmenter=make_provider("dicom-seg", TABLE),
+        predictor=Predictor(model_dir, anatomy_table=TABLE, device="cpu"),
+        anatomy_table=TABLE,
+    )
+
+
+def test_run_stages_writes_validated_outputs(model_dir: Path, study, tmp_path: Path) -> None:
+    _uid, paths = study
+    out = tmp_path / "out"
+    result = run_stages(_stages(model_dir), paths, out)
+    check_findings(result)
+    kinds = [o["kind"] for o in result["outputs"]]
+    assert kinds == ["seg", "sr", "summary", "summary-png"]
+    assert "writing_s" in result["timings"]
+    files = [out / o["path"] for o in result["outputs"]]
+    assert all(f.is_file() for f in files) and all(
+        not Path(o["path"]).is_absolute() for o in result["outputs"]
+    )
+    ct = [p for p in paths if p.name != "seg.dcm"]
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct]
+    reports = validate_files([f for f in files if f.suffix == ".dcm"], sources)
+    assert all(r.ok for r in reports), [r.lines() for r in reports]
+    sr = pydicom.dcmread(out / "sr.dcm")
+    seg = pydicom.dcmread(out / "seg.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lung", "heart"]
+    by_kind = {o["kind"]: o for o in result["outputs"]}
+    assert by_kind["sr"]["sop_instance_uid"] == sr.SOPInstanceUID
+    assert by_kind["seg"]["series_instance_uid"] == seg.SeriesInstanceUID
+
+
+def test_cli_run_out_writes_objects_that_validate(
+    model_dir: Path, study, tmp_path: Path, capsys
+) -> None:
+    _uid, paths = study
+    out = tmp_path / "out"
+    argv = ["run", str(paths[0].parent), "--model", str(model_dir), "--out", str(out)]
+    assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 0
+    assert "sr: " in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "seg.dcm",
+        "sr.dcm",
+        "summary.dcm",
+        "summary.png",
+    ]
+    dicom = [str(out / n) for n in ("sr.dcm", "seg.dcm", "summary.dcm")]
+    assert main(["validate", *dicom, "--sources", str(paths[0].parent)]) == 0
+
+
+def test_job_writes_outputs_and_a_rerun_names_its_predecessor(
+    model_dir: Path, study, tmp_path: Path
+) -> None:
+    uid, paths = study
+    settings = load_settings(data_dir=tmp_path / "data", model_dir=model_dir, stable_seconds=30)
+    parts = build(settings)
+    try:
+        for path in paths:
+            parts.intake.receive(path.read_bytes(), source="dimse")
+        later = lambda: utcnow() + timedelta(seconds=60)  # noqa: E731
+        sweep = CompletionSweep(
+            parts.sessions,
+            stable_seconds=30,
+            pipeline_version=parts.pipeline.stages.version,
+            max_attempts=3,
+            clock=later,
+        )
+        sweep.sweep()
+        queue = JobQueue(parts.sessions, lease_seconds=60, backoff_seconds=1, clock=later)
+        job = queue.claim("test-worker")
+        assert job is not None
+        first = run_study(parts.pipeline, job)
+        root = settings.data_dir / "outputs"
+        assert parts.pipeline.outputs_root == root
+        sr_out = next(o for o in first["outputs"] if o["kind"] == "sr")
+        assert Path(sr_out["path"]).parts[:2] == (uid, f"job-{job.id}")
+        first_sr = pydicom.dcmread(root / sr_out["path"])
+        assert "PredecessorDocumentsSequence" not in first_sr
+        assert queue.succeed(job, first) is not None
+
+        rerun = replace(job, id=job.id + 1000)  # another job of the same study (e.g. new model)
+        second = run_study(parts.pipeline, rerun)
+        sr2_out = next(o for o in second["outputs"] if o["kind"] == "sr")
+        assert Path(sr2_out["path"]).parts[:2] == (uid, f"job-{rerun.id}")
+        second_sr = pydicom.dcmread(root / sr2_out["path"])
+        assert second_sr.SOPInstanceUID != first_sr.SOPInstanceUID
+        assert second_sr.SeriesInstanceUID != first_sr.SeriesInstanceUID
+        ref = second_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+        assert ref.SeriesInstanceUID == first_sr.SeriesInstanceUID
+        assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
+    finally:
+        parts.engine.dispose()

@@ -10,6 +10,9 @@ Claiming works on both backends: on PostgreSQL many workers (on many hosts) use
 A running job holds a lease its worker renews; a crashed worker's lease runs out and the job is
 claimed again. Every completion is fenced by (job id, lease owner), so a worker that lost its
 lease cannot overwrite the work of the one that took over.
+
+Work that must follow a stored result (its export rows, :mod:`fvlm_pacs.export.queue`) is added
+by the ``on_result`` hook inside :meth:`JobQueue.succeed`'s transaction: both commit or neither.
 """
 
 from __future__ import annotations
@@ -23,13 +26,28 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from fvlm_pacs.db import Job, Result, audit, utcnow
+from fvlm_pacs.db import Job, Result, audit, skip_locked, utcnow
 from fvlm_pacs.errors import FvlmPacsError
 
 log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "succeeded", "failed", "dead", "superseded")
 _RETRIABLE_BY_USER = ("failed", "dead", "superseded")
+
+#: Called inside :meth:`JobQueue.succeed`'s transaction with the new (flushed) result, so work
+#: that must follow a result (its export rows) is committed with it or not at all.
+OnResult = Callable[[Session, Result], None]
+
+
+def backoff_delay(base_seconds: float, attempt: int, cap_seconds: float | None = None) -> timedelta:
+    """Delay before retry number ``attempt`` (1-based): ``base · 2^(attempt-1)``, at most ``cap``.
+
+    Shared by the job and export queues so both back off the same way.
+    """
+    seconds = base_seconds * 2 ** max(0, attempt - 1)
+    if cap_seconds is not None:
+        seconds = min(seconds, cap_seconds)
+    return timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -54,11 +72,13 @@ class JobQueue:
         lease_seconds: float,
         backoff_seconds: float,
         clock: Callable[[], datetime] = utcnow,
+        on_result: OnResult | None = None,
     ) -> None:
         self.sessions = sessions
         self.lease = timedelta(seconds=lease_seconds)
         self.backoff = backoff_seconds
         self.clock = clock
+        self.on_result = on_result
 
     def claim(self, owner: str) -> ClaimedJob | None:
         """Take the next due job (queued and due, or running with an expired lease)."""
@@ -76,9 +96,7 @@ class JobQueue:
                     .order_by(Job.next_attempt_at, Job.id)
                     .limit(1)
                 )
-                if session.get_bind().dialect.name == "postgresql":
-                    query = query.with_for_update(skip_locked=True)
-                job = session.scalars(query).first()
+                job = session.scalars(skip_locked(session, query)).first()
                 if job is None:
                     return None
                 if job.state == "running":
@@ -147,6 +165,8 @@ class JobQueue:
             row.last_error = None
             self._finish(session, row, "succeeded", now)
             session.flush()
+            if self.on_result is not None:
+                self.on_result(session, result)
             audit(
                 session,
                 "job_succeeded",
@@ -182,9 +202,7 @@ class JobQueue:
                 row.state = state
                 row.lease_owner = None
                 row.lease_expires_at = None
-                row.next_attempt_at = now + timedelta(
-                    seconds=self.backoff * 2 ** (row.attempts - 1)
-                )
+                row.next_attempt_at = now + backoff_delay(self.backoff, row.attempts)
             audit(
                 session,
                 f"job_{state}" if state != "queued" else "job_retry_scheduled",
