@@ -89,7 +89,7 @@ from fvlm_pacs.model.dataset import ManifestDataset, collate  # noqa: E402
 from fvlm_pacs.model.losses import clip_image_embedding  # noqa: E402
 from fvlm_pacs.model.predictor import anatomy_table_for  # noqa: E402
 from fvlm_pacs.model.train import OBJECTIVES, TrainConfig, train  # noqa: E402
-from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases  # noqa: E402
+from fvlm_pacs.model.zeroshot_eval import dataset_split, part_manifest, score_cases  # noqa: E402
 from fvlm_pacs.phantoms import ANATOMY_LABELS, FINDINGS, PhantomSpec, write_dataset  # noqa: E402
 from fvlm_pacs.reports import normal_text  # noqa: E402
 
@@ -120,20 +120,6 @@ def make_data(out: Path, cases: int, seed: int) -> tuple[Path, float, bool]:
     write_dataset(cases, seed, data, spec=SPEC)
     pfile.write_text(json.dumps(params), encoding="utf-8")
     return manifest, time.perf_counter() - t0, False
-
-
-def part_manifest(manifest: Path, ids: tuple[str, ...], name: str) -> Path:
-    """A manifest with the same columns listing only ``ids`` (in the same folder: paths stay)."""
-    with manifest.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        fields = list(reader.fieldnames or [])
-        rows = [r for r in reader if r["case_id"] in set(ids)]
-    path = manifest.with_name(f"manifest_{name}.csv")
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def test_labels(manifest: Path, ids: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -188,6 +188,34 @@ def load_state_strict(model: FvlmModel, state: Mapping[str, torch.Tensor]) -> No
 
 
 # -- public entry points -------------------------------------------------------------------
+DEMO_MODEL = "demo"
+"""The name that stands for the demo model shipped in the package, wherever a model path goes
+(``--model demo``, ``model_dir: demo``). A folder that happens to be called ``demo`` is given as
+``./demo``."""
+
+
+def demo_model_dir() -> Path:
+    """Where the shipped demo model lives (package data, built by ``fvlm-pacs model build-demo``)."""
+    return Path(__file__).resolve().parent.parent / "models" / "demo"
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """``path`` as given, or the shipped demo model for the name ``demo``.
+
+    Raises :class:`CheckpointError` when the demo model is asked for but this install has none
+    (a source checkout where it was deleted), naming the command that builds it.
+    """
+    if str(path) != DEMO_MODEL:
+        return Path(path)
+    folder = demo_model_dir()
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"model: the demo model is not in this install ({folder}); "
+            "build it with `fvlm-pacs model build-demo`"
+        )
+    return folder
+
+
 def load_model(
     path: str | Path,
     text_model_dir: str | Path | None = None,
@@ -202,7 +230,7 @@ def load_model(
     released file's anatomy queries (default: the CT-RATE four when it has four); ``config``
     overrides shape inference for a non-standard released file.
     """
-    p = Path(path)
+    p = resolve_model_path(path)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if p.is_dir():
         model = _load_ours(p, text_model_dir)

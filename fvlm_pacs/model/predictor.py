@@ -39,6 +39,7 @@ import torch
 from ..codes import AnatomyTable, FindingDefinition, load_anatomy_profiles, load_findings
 from ..domain import Finding, FindingStatus, LabelMap, ModelInfo, Volume
 from ..errors import ConfigError
+from .checkpoint import resolve_model_path
 from .fvlm import FvlmModel
 from .preprocess import AnatomyCrop, anatomy_crops, context_crop, group_by_shape, to_model_grid
 from .prompts import PromptBank
@@ -146,7 +147,7 @@ def load_thresholds(
 
 def default_thresholds_path(model_path: str | Path) -> Path:
     """``thresholds.json`` in a model directory, ``<stem>.thresholds.json`` beside a file."""
-    p = Path(model_path)
+    p = resolve_model_path(model_path)
     return p / THRESHOLDS_FILE if p.is_dir() else p.parent / f"{p.stem}.{THRESHOLDS_FILE}"
 
 
@@ -177,6 +178,7 @@ class Predictor:
     ) -> None:
         if mode not in ("crops", "single"):
             raise ConfigError(f"mode must be 'crops' or 'single', got {mode!r}")
+        model_path = resolve_model_path(model_path)
         self.mode: InferenceMode = mode
         if max_batch < 1:
             raise ConfigError(f"max_batch must be at least 1, got {max_batch}")

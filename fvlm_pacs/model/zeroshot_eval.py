@@ -41,6 +41,25 @@ def dataset_split(manifest: Path, seed: int = 0) -> Split:
     return split_cases(ids, seed=seed)
 
 
+def part_manifest(manifest: Path, ids: tuple[str, ...], name: str) -> Path:
+    """``manifest_<name>.csv`` beside ``manifest``, same columns, only the ``ids`` rows.
+
+    The trainer reads a whole manifest, so training on the train part of a split needs its own
+    file; written in the same folder so the relative case paths stay valid.
+    """
+    keep = set(ids)
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = list(reader.fieldnames or [])
+        rows = [r for r in reader if r["case_id"] in keep]
+    path = manifest.with_name(f"manifest_{name}.csv")
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def load_case(folder: Path, anatomies: tuple[str, ...]) -> tuple[Volume, LabelMap, dict[str, int]]:
     """One case of the synthetic layout as the predictor's inputs plus its finding labels."""
     with np.load(folder / "case.npz") as data:

@@ -1,0 +1,211 @@
+"""``fvlm-pacs model build-demo``: the one documented command that makes the shipped demo model.
+
+Steps, all local and seeded: synthetic chest phantoms with reports
+(:func:`fvlm_pacs.phantoms.write_dataset`) → train/validation/test split → the tiny fVLM trained
+on the train part only (:func:`fvlm_pacs.model.train.train`, objective ``fvlm``) → per-finding
+thresholds calibrated on the validation part → zero-shot evaluation on the test part → a model
+card that states the data (synthetic), the use (demonstration, never clinical) and the measured
+metrics, so nobody has to take the demo's scores on trust. The prompt bank is filled before the
+folder is shipped, so a demo run never recomputes prompt embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fvlm_pacs.evaluation import EvalReport, calibrate, evaluate, write_thresholds
+from fvlm_pacs.model.checkpoint import demo_model_dir
+from fvlm_pacs.model.predictor import Predictor
+from fvlm_pacs.model.train import TrainConfig, train
+from fvlm_pacs.model.zeroshot_eval import dataset_split, part_manifest, score_cases
+from fvlm_pacs.phantoms import PhantomSpec, write_dataset
+
+log = logging.getLogger(__name__)
+
+DEMO_NAME = "fvlm-demo"
+CARD_FILE = "MODEL_CARD.md"
+EVAL_FILE = "eval.json"
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Everything the demo model depends on; stored in its model card.
+
+    The phantom grid (48, 96, 128) at (6, 2.5, 2.5) mm is the benchmark's: a 288 × 240 × 320 mm
+    chest whose anatomy context fits the training crop on the model's 3 × 1 × 1 mm grid, so every
+    step sees whole anatomies.
+    """
+
+    cases: int = 120
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    shape: tuple[int, int, int] = (48, 96, 128)
+    spacing: tuple[float, float, float] = (6.0, 2.5, 2.5)
+    crop: tuple[int, int, int] = (96, 176, 288)
+    version: str = "1"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def build_demo(
+    recipe: DemoRecipe, work_dir: Path, out_dir: Path | None = None, *, device: str = "cpu"
+) -> Path:
+    """Make the demo model in ``out_dir`` (default: the package's ``models/demo``); returns it.
+
+    ``work_dir`` holds the phantoms, the training run and its cache; it can be deleted after.
+    The output folder is replaced only once everything succeeded.
+    """
+    out = out_dir or demo_model_dir()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    spec = PhantomSpec(shape=recipe.shape, spacing=recipe.spacing)
+    manifest = write_dataset(recipe.cases, recipe.seed, work_dir / "data", spec=spec)
+    split = dataset_split(manifest, recipe.seed)
+    train_manifest = part_manifest(manifest, split.train, "train")
+    data_s = time.perf_counter() - started
+
+    t0 = time.perf_counter()
+    trained = train(
+        TrainConfig(
+            manifest=train_manifest,
+            out_dir=work_dir / "run",
+            model="tiny",
+            crop=recipe.crop,
+            cache_dir=work_dir / "cache",
+            steps=recipe.steps,
+            batch_size=recipe.batch_size,
+            lr=recipe.lr,
+            min_lr=min(1e-6, recipe.lr),
+            warmup_steps=max(1, recipe.steps // 10),
+            seed=recipe.seed,
+            objective="fvlm",
+            log_every=max(1, recipe.steps // 20),
+            checkpoint_every=10**9,
+            device=device,
+            name=DEMO_NAME,
+            version=recipe.version,
+        )
+    )
+    train_s = time.perf_counter() - t0
+
+    staging = work_dir / "model"
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(trained, staging)
+    t0 = time.perf_counter()
+    predictor = Predictor(staging, device=device)
+    root = manifest.parent
+    val = score_cases(predictor, root, split.val)
+    thresholds = calibrate(val.scores, val.labels)
+    write_thresholds(staging / "thresholds.json", thresholds, predictor.info.sha256)
+    predictor = Predictor(staging, device=device)  # reload: the calibrated thresholds apply
+    test = score_cases(predictor, root, split.test)
+    report = evaluate(test.scores, test.labels, predictor.thresholds)
+    eval_s = time.perf_counter() - t0
+    (staging / EVAL_FILE).write_text(report.to_json() + "\n", encoding="utf-8")
+    timings = {"data_s": data_s, "train_s": train_s, "eval_s": eval_s}
+    (staging / CARD_FILE).write_text(
+        model_card(recipe, report, split_sizes=split, timings=timings),
+        encoding="utf-8",
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(staging, out)
+    log.info("demo model written to %s (mean AUC %s)", out, report.mean_auc)
+    return out
+
+
+def model_card(
+    recipe: DemoRecipe,
+    report: EvalReport,
+    *,
+    split_sizes: Any,
+    timings: dict[str, float],
+) -> str:
+    """The model card: what the model is, what it was trained on, how well it does, and how to
+    rebuild it. The first line after the title is the caveat ``fvlm-pacs demo`` prints."""
+    mean = report.mean_auc
+    mean_txt = "n/a" if mean is None else f"{mean:.3f}"
+    lines = [
+        f"# Model card: {DEMO_NAME} {recipe.version}",
+        "",
+        f"caveat: synthetic training data only, NOT for clinical use; mean zero-shot AUC on "
+        f"held-out synthetic phantoms {mean_txt}.",
+        "",
+        "## What it is",
+        "",
+        "A tiny fVLM (ViT 4 blocks × 64, BERT 2 layers × 32 with a WordPiece vocabulary built "
+        "from the synthetic reports, 16-d joint space, anatomies lung/heart/esophagus/aorta) "
+        "trained from scratch with the fVLM objective (normal-sample correction on). It exists so "
+        "that the whole product (DICOM in, findings, triage, SR/SEG out, worklist) can be shown "
+        "and tested on any machine without downloading weights.",
+        "",
+        "## Data",
+        "",
+        f"{recipe.cases} synthetic chest CT phantoms (`fvlm_pacs.phantoms`, seed {recipe.seed}, "
+        f"grid {list(recipe.shape)} at {list(recipe.spacing)} mm) with CT-RATE-style reports; "
+        f"split train/val/test = {len(split_sizes.train)}/{len(split_sizes.val)}/"
+        f"{len(split_sizes.test)} cases. No patient data.",
+        "",
+        "## Training",
+        "",
+        f"{recipe.steps} steps × batch {recipe.batch_size}, AdamW peak lr {recipe.lr}, warm-up "
+        f"10 %, cosine decay, crop {list(recipe.crop)}, flips p = 0.2, CPU fp32, seed "
+        f"{recipe.seed}. Wall time: data {timings['data_s']:.0f} s, training "
+        f"{timings['train_s']:.0f} s, calibration + evaluation {timings['eval_s']:.0f} s.",
+        "",
+        "## Thresholds",
+        "",
+        "Per-finding thresholds in `thresholds.json` were calibrated on the validation part "
+        "(closest ROC point to (0, 1)); the test part below was never used for them.",
+        "",
+        "## Zero-shot results on the held-out test part",
+        "",
+        f"Mean AUC {mean_txt} (findings with both classes in the test part). Prompts: the "
+        "positive/negative pairs of `mappings/findings.yaml`.",
+        "",
+        report.to_markdown(),
+        "",
+        "## Known limits",
+        "",
+        limits(mean),
+        "",
+        "## Rebuild",
+        "",
+        "```",
+        f"fvlm-pacs model build-demo --cases {recipe.cases} --steps {recipe.steps} "
+        f"--seed {recipe.seed}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def limits(mean_auc: float | None) -> str:
+    """The model card's warning, worded from the measured mean AUC rather than hoped for."""
+    base = (
+        "Trained from scratch for minutes on a CPU, on phantoms. From-scratch training of this "
+        "size is known to collapse the pooled anatomy embeddings towards one vector early on "
+        "(measured during development: pairwise cosine 0.993 at initialisation, 0.9999 after a "
+        "few steps), which leaves little signal in the scores. "
+    )
+    if mean_auc is None or mean_auc < 0.6:
+        return base + (
+            "Measured mean AUC is close to chance: treat every finding this model reports as a "
+            "demonstration of the data path (DICOM in, SR/SEG out, triage, worklist), not of "
+            "detection."
+        )
+    return base + (
+        "Measured mean AUC is above chance on the synthetic test part, which says nothing "
+        "about real CT: use it only to demonstrate the product."
+    )
