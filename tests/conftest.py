@@ -1,4 +1,5 @@
-"""Fixtures: a database per test on SQLite and (when configured) PostgreSQL, settings, parts.
+"""Fixtures: a database per test on SQLite and (when configured) PostgreSQL, settings, parts,
+and a real Orthanc PACS per module.
 
 CI starts a private PostgreSQL cluster and exports FVLM_PACS_TEST_POSTGRES_URL; there, a missing
 URL is an error rather than a silent skip, so the PostgreSQL half of the suite always runs.
@@ -20,6 +21,7 @@ from sqlalchemy.engine import make_url
 from fvlm_pacs.config import Settings, load_settings
 from fvlm_pacs.ingest.scp import StorageSCP
 from fvlm_pacs.service import Parts, build, make_app
+from tests.helpers import Orthanc
 
 PG_ENV = "FVLM_PACS_TEST_POSTGRES_URL"
 
@@ -127,3 +129,11 @@ def scp(parts: Parts) -> Iterator[StorageSCP]:
     server.start()
     yield server
     server.stop(grace_seconds=2)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """A real Orthanc (+ DICOMweb) per test module: skipped locally when it is not installed."""
+    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield server
+    server.stop()

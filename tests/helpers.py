@@ -1,7 +1,9 @@
-"""Shared test helpers: encoding, free ports, polling, a `fvlm-pacs serve` subprocess."""
+"""Shared test helpers: encoding, free ports, polling, a `fvlm-pacs serve` subprocess, and a
+real Orthanc (+ DICOMweb plugin) on loopback ports."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -88,10 +90,14 @@ def c_store(
 
 
 def storescu(port: int, paths: Sequence[Path], *, calling_aet: str = "STORESCU") -> None:
-    """Send files with dcmtk's storescu (the de facto reference SCU)."""
+    """Send files with dcmtk's storescu (the de facto reference SCU).
+
+    ``-R`` proposes exactly the (SOP class, transfer syntax) pairs the files need: storescu's
+    default list leaves out some storage classes (Segmentation Storage among them).
+    """
     env = {**os.environ, "TCP_NODELAY": "1"}
     subprocess.run(
-        ["storescu", "-aet", calling_aet, "-aec", "FVLM_PACS", "127.0.0.1", str(port)]
+        ["storescu", "-R", "-aet", calling_aet, "-aec", "FVLM_PACS", "127.0.0.1", str(port)]
         + [str(p) for p in paths],
         check=True,
         env=env,
@@ -143,6 +149,16 @@ class ServeProcess:
         except requests.RequestException:
             return False
 
+    def studies_with_uid(self, study_uid: str) -> list[str]:
+        """Orthanc IDs of the study resources with this Study Instance UID (one per patient)."""
+        r = requests.post(
+            f"{self.url}/tools/find",
+            json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return [str(i) for i in r.json()]
+
     def get(self, path: str) -> Any:
         r = requests.get(f"{self.url}{path}", timeout=10)
         r.raise_for_status()
@@ -167,3 +183,130 @@ class ServeProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+
+# -- a real PACS: Orthanc ---------------------------------------------------------------------
+
+ORTHANC_AET = "ORTHANC"
+OUR_AET = "FVLM_PACS"  # the default ae_title: what the export worker calls with
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def orthanc_binary() -> str:
+    """Orthanc and its DICOMweb plugin; skipped locally when missing, a failure in CI."""
+    binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    missing = [str(p) for p in (Path(binary), DICOMWEB_PLUGIN) if not p.exists()]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"Orthanc is required in CI (.ci/run installs it): {missing} missing")
+        pytest.skip(f"Orthanc not installed ({', '.join(missing)} missing)")
+    return binary
+
+
+class Orthanc:
+    """One Orthanc process with its own storage, on free (or given) loopback ports."""
+
+    def __init__(self, workdir: Path, *, dicom_port: int | None = None) -> None:
+        self.binary = orthanc_binary()
+        self.workdir = workdir
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> Orthanc:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "Name": "fvlm-export-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "DicomAet": ORTHANC_AET,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,  # HTTP from loopback only
+            "AuthenticationEnabled": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            # a PACS that knows its modalities: only our AE title, only from 127.0.0.1
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": False,
+            "DicomAlwaysAllowEcho": False,
+            "DicomCheckModalityHost": True,
+            "DicomModalities": {"fvlm": [OUR_AET, "127.0.0.1", 11112]},
+            "StorageCompression": False,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(cfg, indent=2))
+        self.log_path = self.workdir / "orthanc.log"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, str(path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TCP_NODELAY": "1"},
+                cwd=self.workdir,
+            )
+        wait_until(self._ready, timeout=60, interval=0.2)
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"Orthanc exited:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            requests.get(f"{self.url}/system", timeout=1).raise_for_status()
+            with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=1):
+                return True
+        except (requests.RequestException, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def instances_in_study(self, study_uid: str) -> set[str]:
+        """SOP Instance UIDs Orthanc holds in the study (REST /tools/find)."""
+        r = requests.post(
+            f"{self.url}/tools/find",
+            json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in r.json()}
+
+    def studies_with_uid(self, study_uid: str) -> list[str]:
+        """Orthanc IDs of the study resources with this Study Instance UID (one per patient)."""
+        r = requests.post(
+            f"{self.url}/tools/find",
+            json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return [str(i) for i in r.json()]
+
+    def get(self, path: str) -> Any:
+        """A REST resource as JSON (``/studies/{id}/series``, ``/instances/{id}/metadata/…``)."""
+        r = requests.get(f"{self.url}{path}", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def upload(self, path: Path) -> str:
+        """Store a file through the REST API (as the PACS's own content); its Orthanc ID."""
+        r = requests.post(f"{self.url}/instances", data=path.read_bytes(), timeout=10)
+        r.raise_for_status()
+        return str(r.json()["ID"])
+
+    def download(self, instance_id: str, target: Path) -> Path:
+        """The stored Part 10 file of an instance, byte for byte (``/instances/{id}/file``)."""
+        r = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=10)
+        r.raise_for_status()
+        target.write_bytes(r.content)
+        return target

@@ -3,22 +3,17 @@
 Objects go in by C-STORE and by STOW-RS and are looked up again through Orthanc's REST API.
 Orthanc only accepts our calling AE title from 127.0.0.1 (as a hospital PACS would), which also
 gives a real permanent rejection. Skipped locally when Orthanc is missing; a failure in CI.
+The server and its ``orthanc`` fixture live in ``tests/helpers.py`` and ``tests/conftest.py``
+(``tests/test_e2e_orthanc.py`` uses them too).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from fvlm_pacs import config
 from fvlm_pacs.errors import ExportError
@@ -26,111 +21,9 @@ from fvlm_pacs.export.base import Outgoing
 from fvlm_pacs.export.dicomweb import DicomwebDestination
 from fvlm_pacs.export.dimse import DimseDestination
 from fvlm_pacs.service import Parts, make_export_worker
-from tests.helpers import free_port, wait_until
+from tests.helpers import ORTHANC_AET, OUR_AET, Orthanc, free_port, wait_until
 from tests.test_export_destinations import make_objects, outgoing_for, sop_uids
 from tests.test_export_queue import at, exports_of, one_export, store_result
-
-ORTHANC_AET = "ORTHANC"
-OUR_AET = "FVLM_PACS"  # the default ae_title: what the export worker calls with
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def orthanc_binary() -> str:
-    """Orthanc and its DICOMweb plugin; skipped locally when missing, a failure in CI."""
-    binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-    missing = [str(p) for p in (Path(binary), DICOMWEB_PLUGIN) if not p.exists()]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"Orthanc is required in CI (.ci/run installs it): {missing} missing")
-        pytest.skip(f"Orthanc not installed ({', '.join(missing)} missing)")
-    return binary
-
-
-class Orthanc:
-    """One Orthanc process with its own storage, on free (or given) loopback ports."""
-
-    def __init__(self, workdir: Path, *, dicom_port: int | None = None) -> None:
-        self.binary = orthanc_binary()
-        self.workdir = workdir
-        self.dicom_port = dicom_port or free_port()
-        self.http_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> Orthanc:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = {
-            "Name": "fvlm-export-test",
-            "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "index"),
-            "DicomAet": ORTHANC_AET,
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,  # HTTP from loopback only
-            "AuthenticationEnabled": False,
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            # a PACS that knows its modalities: only our AE title, only from 127.0.0.1
-            "DicomCheckCalledAet": True,
-            "DicomAlwaysAllowStore": False,
-            "DicomAlwaysAllowEcho": False,
-            "DicomCheckModalityHost": True,
-            "DicomModalities": {"fvlm": [OUR_AET, "127.0.0.1", 11112]},
-            "StorageCompression": False,
-        }
-        path = self.workdir / "orthanc.json"
-        path.write_text(json.dumps(cfg, indent=2))
-        self.log_path = self.workdir / "orthanc.log"
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [self.binary, str(path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "TCP_NODELAY": "1"},
-                cwd=self.workdir,
-            )
-        wait_until(self._ready, timeout=60, interval=0.2)
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"Orthanc exited:\n{self.log_path.read_text()[-3000:]}")
-        try:
-            requests.get(f"{self.url}/system", timeout=1).raise_for_status()
-            with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=1):
-                return True
-        except (requests.RequestException, OSError):
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def instances_in_study(self, study_uid: str) -> set[str]:
-        """SOP Instance UIDs Orthanc holds in the study (REST /tools/find)."""
-        r = requests.post(
-            f"{self.url}/tools/find",
-            json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
-            timeout=10,
-        )
-        r.raise_for_status()
-        return {i["MainDicomTags"]["SOPInstanceUID"] for i in r.json()}
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
-    yield server
-    server.stop()
 
 
 def cstore_to(

@@ -1,17 +1,19 @@
-"""Job queue: leases, backoff, dead-letter, fencing, retry."""
+"""Job queue: leases, backoff, dead-letter, fencing, retry; the lease heartbeat workers share."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
 
 from fvlm_pacs.db import Job, Result, utcnow
 from fvlm_pacs.errors import NoUsableSeries, TransientPipelineError
+from fvlm_pacs.jobs.lease import LeaseKeeper
 from fvlm_pacs.jobs.queue import JobQueue
 from fvlm_pacs.service import Parts
 from fvlm_pacs.synthetic import SeriesSpec, ct_series
-from tests.helpers import encode
+from tests.helpers import encode, wait_until
 from tests.test_completion import sweep_at
 
 
@@ -137,3 +139,38 @@ def test_depth_counts_states(parts: Parts) -> None:
     assert job is not None
     depth = q.depth()
     assert depth["queued"] == 1 and depth["running"] == 1 and depth["dead"] == 0
+
+
+# -- LeaseKeeper: what WorkerPool and ExportWorker share ---------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeClaim:
+    id: int
+
+
+def test_lease_keeper_renews_what_is_held_and_releases_it_at_stop() -> None:
+    renewed: list[int] = []
+    released: list[int] = []
+
+    def renew(claim: FakeClaim) -> bool:
+        renewed.append(claim.id)
+        return claim.id != 2  # claim 2 was fenced out: logged, nothing else
+
+    def release(claim: FakeClaim) -> bool:
+        released.append(claim.id)
+        if claim.id == 3:
+            raise RuntimeError("database gone")  # its lease expires instead; stop() goes on
+        return True
+
+    keeper = LeaseKeeper(renew, release, lease_seconds=0.3, what="test")
+    assert keeper.interval == 0.5  # never busier than twice a second
+    keeper.start()
+    with keeper.holding(FakeClaim(9)):
+        pass  # finished before a beat: never renewed, not released
+    with keeper.holding(FakeClaim(1)), keeper.holding(FakeClaim(2)), keeper.holding(FakeClaim(3)):
+        wait_until(lambda: {1, 2, 3} <= set(renewed), timeout=5)
+        keeper.stop()  # a shutdown while they still run: every one is given back
+        assert sorted(released) == [1, 2, 3]
+        assert keeper._thread is not None and not keeper._thread.is_alive()
+    assert keeper.held() == [] and 9 not in renewed

@@ -2,9 +2,9 @@
 
 A thread per destination is what keeps destinations independent: a PACS that hangs until the
 network timeout, or refuses every association, holds up only its own thread, never another
-destination's rows. A heartbeat renews the leases of rows being sent (a large SEG over a slow
-link can outlast the lease); a process that dies mid-send leaves its rows to be reclaimed when
-their leases run out.
+destination's rows. A heartbeat (:class:`~fvlm_pacs.jobs.lease.LeaseKeeper`, as for jobs) renews
+the leases of rows being sent (a large SEG over a slow link can outlast the lease); a process
+that dies mid-send leaves its rows to be reclaimed when their leases run out.
 
 Delivery is at least once: a send that completes after its row was released or reclaimed is
 fenced out and sent again later. Receivers store by SOP Instance UID, so a second copy replaces
@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from fvlm_pacs.errors import ExportError
 from fvlm_pacs.export.base import Destination
 from fvlm_pacs.export.queue import ClaimedExport, ExportQueue
+from fvlm_pacs.jobs.lease import LeaseKeeper
 from fvlm_pacs.jobs.worker import worker_identity
 from fvlm_pacs.metrics import Metrics
 
@@ -42,15 +43,13 @@ class ExportWorker:
         self.queue = queue
         self.destinations = dict(destinations)
         self.poll_seconds = poll_seconds
-        self.heartbeat_seconds = max(0.5, lease_seconds / 3)
         self.metrics = metrics
         self.identity = worker_identity()
+        self.leases = LeaseKeeper(
+            queue.renew, queue.release, lease_seconds=lease_seconds, what="export"
+        )
         self._stop = threading.Event()
-        self._heartbeat_stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._heartbeat_thread: threading.Thread | None = None
-        self._sending: dict[int, ClaimedExport] = {}
-        self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start one sender thread per destination (none when no destination is configured)."""
@@ -71,10 +70,7 @@ class ExportWorker:
             )
             t.start()
             self._threads.append(t)
-        self._heartbeat_thread = threading.Thread(
-            target=self._heartbeat, name="export-heartbeat", daemon=True
-        )
-        self._heartbeat_thread.start()
+        self.leases.start()
         log.info(
             "export worker %s started for %s", self.identity, ", ".join(sorted(self.destinations))
         )
@@ -89,19 +85,7 @@ class ExportWorker:
         deadline = time.monotonic() + grace_seconds
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            leftover = list(self._sending.values())
-        for claimed in leftover:
-            try:
-                if self.queue.release(claimed):
-                    log.warning(
-                        "export %d released at shutdown; it is sent again later", claimed.id
-                    )
-            except Exception:
-                log.exception("export %d: release failed; its lease will expire", claimed.id)
-        self._heartbeat_stop.set()
-        if self._heartbeat_thread is not None:
-            self._heartbeat_thread.join(timeout=5)
+        self.leases.stop()  # releases rows still being sent (sent again later), then stops
 
     def deliver_one(self, destination: str, owner: str | None = None) -> str | None:
         """Claim and send one due row of ``destination``; returns its new state, or None if
@@ -125,57 +109,43 @@ class ExportWorker:
                 self._stop.wait(self.poll_seconds)
 
     def _deliver(self, claimed: ClaimedExport) -> str | None:
-        with self._lock:
-            self._sending[claimed.id] = claimed
         started = time.monotonic()
         state: str | None
-        try:
-            missing = [p.name for p in claimed.outgoing.files if not p.is_file()]
-            if missing:
-                raise ExportError(
-                    f"output files are missing: {', '.join(missing[:5])}", retryable=False
-                )
-            log.info(
-                "export %d: sending result %d to %s (attempt %d)",
-                claimed.id,
-                claimed.result_id,
-                claimed.destination,
-                claimed.attempt,
-            )
-            self.destinations[claimed.destination].send(claimed.outgoing)
-        except Exception as exc:
+        with self.leases.holding(claimed):
             try:
-                state = self.queue.fail(claimed, exc)
-            except Exception:
-                log.exception(
-                    "export %d: could not record its failure; the lease will expire", claimed.id
+                missing = [p.name for p in claimed.outgoing.files if not p.is_file()]
+                if missing:
+                    raise ExportError(
+                        f"output files are missing: {', '.join(missing[:5])}", retryable=False
+                    )
+                log.info(
+                    "export %d: sending result %d to %s (attempt %d)",
+                    claimed.id,
+                    claimed.result_id,
+                    claimed.destination,
+                    claimed.attempt,
                 )
-                state = None
-        else:
-            try:
-                state = "done" if self.queue.succeed(claimed) else None
-            except Exception:
-                log.exception(
-                    "export %d: delivered, but not recorded; it is sent again", claimed.id
-                )
-                state = None
-        finally:
-            with self._lock:
-                self._sending.pop(claimed.id, None)
+                self.destinations[claimed.destination].send(claimed.outgoing)
+            except Exception as exc:
+                try:
+                    state = self.queue.fail(claimed, exc)
+                except Exception:
+                    log.exception(
+                        "export %d: could not record its failure; the lease will expire",
+                        claimed.id,
+                    )
+                    state = None
+            else:
+                try:
+                    state = "done" if self.queue.succeed(claimed) else None
+                except Exception:
+                    log.exception(
+                        "export %d: delivered, but not recorded; it is sent again", claimed.id
+                    )
+                    state = None
         if self.metrics:
             outcome = {"pending": "retry"}.get(state or "", state or "fenced")
             self.metrics.export_duration.labels(claimed.destination, outcome).observe(
                 time.monotonic() - started
             )
         return state
-
-    def _heartbeat(self) -> None:
-        while not self._heartbeat_stop.wait(self.heartbeat_seconds):
-            with self._lock:
-                sending = list(self._sending.values())
-            for claimed in sending:
-                try:
-                    if not self.queue.renew(claimed):
-                        log.warning("export %d: lease lost", claimed.id)
-                except Exception:
-                    log.exception("export %d: lease renewal failed", claimed.id)

@@ -1,7 +1,8 @@
 """Worker pool: threads that claim jobs, run the pipeline, and record the outcome.
 
-One heartbeat thread renews the leases of all jobs this pool is running, so a long stage never
-loses its lease while a crashed process's jobs are reclaimed after ``job_lease_seconds``.
+One heartbeat thread (:class:`~fvlm_pacs.jobs.lease.LeaseKeeper`) renews the leases of all jobs
+this pool is running, so a long stage never loses its lease while a crashed process's jobs are
+reclaimed after ``job_lease_seconds``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from fvlm_pacs.jobs.lease import LeaseKeeper
 from fvlm_pacs.jobs.queue import ClaimedJob, JobQueue
 from fvlm_pacs.metrics import Metrics
 
@@ -45,25 +47,20 @@ class WorkerPool:
         self.run = run
         self.n_threads = threads
         self.poll_seconds = poll_seconds
-        self.heartbeat_seconds = max(0.5, lease_seconds / 3)
         self.metrics = metrics
         self.identity = worker_identity()
+        self.leases = LeaseKeeper(
+            queue.renew, queue.release, lease_seconds=lease_seconds, what="job"
+        )
         self._stop = threading.Event()
-        self._heartbeat_stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._heartbeat_thread: threading.Thread | None = None
-        self._running: dict[int, ClaimedJob] = {}
-        self._lock = threading.Lock()
 
     def start(self) -> None:
         for i in range(self.n_threads):
             t = threading.Thread(target=self._loop, args=(f"{self.identity}/{i}",), daemon=True)
             t.start()
             self._threads.append(t)
-        self._heartbeat_thread = threading.Thread(
-            target=self._heartbeat, name="lease-heartbeat", daemon=True
-        )
-        self._heartbeat_thread.start()
+        self.leases.start()
         log.info("worker pool %s started with %d threads", self.identity, self.n_threads)
 
     def stop(self, grace_seconds: float) -> None:
@@ -72,15 +69,7 @@ class WorkerPool:
         deadline = time.monotonic() + grace_seconds
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            leftover = list(self._running.values())
-        for job in leftover:
-            if self.queue.release(job):
-                log.warning("job %d released at shutdown; another worker will run it", job.id)
-        # Leases stay renewed during the grace period; only now stop the heartbeat.
-        self._heartbeat_stop.set()
-        if self._heartbeat_thread is not None:
-            self._heartbeat_thread.join(timeout=5)
+        self.leases.stop()  # releases jobs still running, then stops renewing
 
     def _loop(self, owner: str) -> None:
         while not self._stop.is_set():
@@ -96,34 +85,21 @@ class WorkerPool:
             self._execute(job)
 
     def _execute(self, job: ClaimedJob) -> None:
-        with self._lock:
-            self._running[job.id] = job
         started = time.monotonic()
         outcome = "succeeded"
-        try:
-            log.info("job %d: running attempt %d", job.id, job.attempt)
-            payload = self.run(job)
-            if self.queue.succeed(job, payload) is None:
-                outcome = "fenced"
-        except Exception as exc:
-            outcome = "error"
+        with self.leases.holding(job):
             try:
-                self.queue.fail(job, exc)
-            except Exception:
-                log.exception("job %d: could not record its failure; the lease will expire", job.id)
-        finally:
-            with self._lock:
-                self._running.pop(job.id, None)
-            if self.metrics:
-                self.metrics.job_duration.labels(outcome).observe(time.monotonic() - started)
-
-    def _heartbeat(self) -> None:
-        while not self._heartbeat_stop.wait(self.heartbeat_seconds):
-            with self._lock:
-                running = list(self._running.values())
-            for job in running:
+                log.info("job %d: running attempt %d", job.id, job.attempt)
+                payload = self.run(job)
+                if self.queue.succeed(job, payload) is None:
+                    outcome = "fenced"
+            except Exception as exc:
+                outcome = "error"
                 try:
-                    if not self.queue.renew(job):
-                        log.warning("job %d: lease lost", job.id)
+                    self.queue.fail(job, exc)
                 except Exception:
-                    log.exception("job %d: lease renewal failed", job.id)
+                    log.exception(
+                        "job %d: could not record its failure; the lease will expire", job.id
+                    )
+        if self.metrics:
+            self.metrics.job_duration.labels(outcome).observe(time.monotonic() - started)
