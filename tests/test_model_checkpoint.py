@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.model import CheckpointError, FvlmModel, import_official, save_model
-from fvlm_pacs.model.checkpoint import IGNORED_RESIDUE
+from fvlm_pacs.model.checkpoint import IGNORED_RESIDUE, sha256_file
+from fvlm_pacs.model.fvlm import is_text_key
 from fvlm_pacs.model.text import load_tokenizer
 
 from .test_model import VITB_KEYS_SMALL, small_config, write_text_model_dir
@@ -180,3 +183,86 @@ def test_cli_model_import(released, tmp_path, capsys) -> None:
     argv = ["model", "import", str(broken), "--text-model", str(released["text_dir"])]
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
     assert "temp" in capsys.readouterr().err
+
+
+# -- our format without the text tower --------------------------------------------------------
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("ours")
+    torch.manual_seed(3)
+    model = FvlmModel(small_config(), tokenizer=load_tokenizer(write_text_model_dir(root / "t")))
+    with torch.no_grad():
+        model.query_tokens.normal_()
+    out = save_model(model.eval(), root / "m", "tiny", "0.1")
+    return {"root": root, "dir": out, "model": model}
+
+
+def republish(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """Rewrite the weights and the sha256 in config.json: a consistent but wrong file."""
+    save_file(state, str(folder / "model.safetensors"))
+    meta = json.loads((folder / "config.json").read_text())
+    meta["sha256"] = sha256_file(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(meta))
+
+
+def test_our_format_loads_without_the_text_tower(ours) -> None:
+    full = FvlmModel.from_checkpoint(ours["dir"])
+    bare = FvlmModel.from_checkpoint(ours["dir"], with_text=False)
+    assert full.has_text and not bare.has_text and not bare.training
+    assert bare.text_encoder is None and bare.text_proj is None
+    assert set(bare.state_dict()) == {k for k in full.state_dict() if not is_text_key(k)}
+    assert (bare.sha256, bare.version) == (full.sha256, full.version)
+    with torch.no_grad():
+        a, b = full.encode_anatomies(*inputs()), bare.encode_anatomies(*inputs())
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ConfigError, match="without its text tower"):
+        bare.encode_text(TEXTS)
+
+
+@pytest.mark.parametrize("with_text", [True, False])
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("drop", "text_encoder.encoder.layer.1.output.dense.weight"),  # required even if skipped
+        ("drop", "visual_encoder.blocks.2.attn.qkv.weight"),
+        ("add", "text_encoder.pooler.dense.weight"),
+        ("add", "visual_encoder.cls_token"),
+        ("shape", "text_proj.weight"),
+        ("shape", "query_tokens"),
+    ],
+)
+def test_our_format_is_strict_with_or_without_the_text_tower(
+    ours, tmp_path, with_text, change, named
+) -> None:
+    folder = Path(shutil.copytree(ours["dir"], tmp_path / "m"))
+    state = load_file(str(folder / "model.safetensors"))
+    if change == "drop":
+        del state[named]
+    elif change == "add":
+        state[named] = torch.zeros(3)
+    else:
+        state[named] = torch.zeros(5, 5)
+    republish(folder, state)
+    with pytest.raises(CheckpointError, match=named.replace(".", r"\.")):
+        FvlmModel.from_checkpoint(folder, with_text=with_text)
+
+
+@pytest.mark.parametrize("with_text", [True, False])
+def test_our_format_refuses_a_truncated_file(ours, tmp_path, with_text) -> None:
+    folder = Path(shutil.copytree(ours["dir"], tmp_path / "m"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="sha256"):
+        FvlmModel.from_checkpoint(folder, with_text=with_text)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["sha256"] = sha256_file(weights)  # even when config.json was rewritten to match
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        FvlmModel.from_checkpoint(folder, with_text=with_text)
+
+
+def test_released_format_always_loads_the_text_tower(released) -> None:
+    model = FvlmModel.from_checkpoint(
+        released["path"], text_model_dir=released["text_dir"], with_text=False
+    )
+    assert model.has_text  # a pickle is read whole; `fvlm-pacs model import` converts it once

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import shutil
 import string
@@ -17,7 +19,10 @@ from fvlm_pacs.codes import load_anatomies, load_findings
 from fvlm_pacs.domain import LabelMap, Volume
 from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.model import FvlmModel, ModelConfig, save_model
+from fvlm_pacs.model import checkpoint as checkpoint_module
+from fvlm_pacs.model import fvlm as fvlm_module
 from fvlm_pacs.model.config import TextConfig
+from fvlm_pacs.model.fvlm import is_text_key
 from fvlm_pacs.model.predictor import Predictor, load_thresholds
 from fvlm_pacs.model.preprocess import anatomy_crops, context_crop, to_model_grid
 from fvlm_pacs.model.prompts import BANK_FILE, PromptBank
@@ -326,6 +331,7 @@ def test_single_pass_mode_scores_every_anatomy_from_one_crop(model_dir, case) ->
     assert prediction.crops == 1
     got = by_name(prediction.findings)
     crop = context_crop(to_model_grid(volume, labels.array, 4))
+    text_model = FvlmModel.from_checkpoint(model_dir)  # the predictor keeps no text tower
     with torch.no_grad():
         emb = p.model.encode_anatomies(
             torch.from_numpy(crop.image)[None, None].float(),
@@ -337,7 +343,7 @@ def test_single_pass_mode_scores_every_anatomy_from_one_crop(model_dir, case) ->
                 assert got[f.name].status == "not_assessable"
                 continue
             v = emb[ANATOMIES.index(f.anatomy)]
-            pos, neg = p.model.encode_text([f.positive, f.negative])
+            pos, neg = text_model.encode_text([f.positive, f.negative])
             expected = torch.sigmoid(((v * pos).sum() - (v * neg).sum()) / tau)
             assert got[f.name].score == pytest.approx(float(expected), abs=1e-5)
 
@@ -345,3 +351,122 @@ def test_single_pass_mode_scores_every_anatomy_from_one_crop(model_dir, case) ->
 def test_unknown_mode_is_refused(model_dir) -> None:
     with pytest.raises(ConfigError, match="mode"):
         Predictor(model_dir, device="cpu", mode="fast")  # type: ignore[arg-type]
+
+
+# -- the text tower: loaded only for a cold bank, never kept ---------------------------------
+class SpyOpen:
+    """Wraps ``safe_open`` in the checkpoint module and records every tensor read."""
+
+    def __init__(self) -> None:
+        self.real = checkpoint_module.safe_open
+        self.read: list[str] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        spy, handle = self, self.real(*args, **kwargs)
+
+        class Handle:
+            def __enter__(self) -> Handle:
+                self.fh = handle.__enter__()
+                return self
+
+            def __exit__(self, *exc: Any) -> Any:
+                return handle.__exit__(*exc)
+
+            def keys(self) -> Any:
+                return self.fh.keys()
+
+            def get_slice(self, key: str) -> Any:
+                return self.fh.get_slice(key)
+
+            def get_tensor(self, key: str) -> torch.Tensor:
+                spy.read.append(key)
+                return self.fh.get_tensor(key)
+
+        return Handle()
+
+
+def fresh_copy(model_dir: Path, dest: Path) -> Path:
+    """The model directory without its prompt bank: the first predictor on it starts cold."""
+    copy = Path(shutil.copytree(model_dir, dest))
+    (copy / BANK_FILE).unlink(missing_ok=True)
+    return copy
+
+
+def test_cold_bank_fills_and_drops_warm_bank_never_loads_the_text_tower(
+    model_dir, case, tmp_path, monkeypatch, caplog
+) -> None:
+    copy = fresh_copy(model_dir, tmp_path / "m")
+    built: list[str] = []  # the device of every BERT built (the strict check uses "meta")
+    real_build = fvlm_module.build_text_encoder
+
+    def build(cfg: TextConfig) -> Any:
+        encoder = real_build(cfg)
+        built.append(next(encoder.parameters()).device.type)
+        return encoder
+
+    monkeypatch.setattr(fvlm_module, "build_text_encoder", build)
+    spy = SpyOpen()
+    monkeypatch.setattr(checkpoint_module, "safe_open", spy)
+    caplog.set_level(logging.INFO, logger="fvlm_pacs.model.predictor")
+
+    cold = Predictor(copy, device="cpu")
+    assert "prompt bank cold (32 of 32 prompts missing)" in caplog.text
+    assert "cpu" in built and any(is_text_key(k) for k in spy.read)
+    assert (copy / BANK_FILE).is_file() and len(cold.prompt_bank) == 32
+    assert cold.model.text_encoder is None and cold.model.text_proj is None  # dropped
+    assert not any(is_text_key(k) for k in cold.model.state_dict())
+
+    built.clear()
+    spy.read.clear()
+    caplog.clear()
+    warm = Predictor(copy, device="cpu")
+    assert "prompt bank warm (32 prompts): model loaded without its text tower" in caplog.text
+    assert "cpu" not in built  # BERT's weights never even allocated (only a meta skeleton)
+    assert spy.read and not any(is_text_key(k) for k in spy.read)  # no text tensor read
+    assert sorted(spy.read) == sorted(warm.model.state_dict())  # every other one read
+    assert warm.model.text_encoder is None and warm.model.text_proj is None
+    assert warm.info == cold.info
+    torch.testing.assert_close(warm._positives, cold._positives, rtol=0, atol=0)
+    torch.testing.assert_close(warm._negatives, cold._negatives, rtol=0, atol=0)
+    # bit-identical findings whichever way the predictor started
+    a, b = cold.run(*case), warm.run(*case)
+    assert [f.as_dict() for f in a.findings] == [f.as_dict() for f in b.findings]
+    assert a.not_assessable == b.not_assessable
+
+
+def test_one_missing_prompt_loads_the_tower_for_that_prompt_only(
+    model_dir, predictor, tmp_path, monkeypatch
+) -> None:
+    copy = Path(shutil.copytree(model_dir, tmp_path / "m"))  # holds the warm bank
+    assert len(PromptBank.for_model(copy, predictor.info.sha256)) == 32
+    findings = list(FINDINGS)
+    findings[0] = dataclasses.replace(findings[0], positive="Emphysema, lung.")
+    calls: list[list[str]] = []
+    original = FvlmModel.encode_text
+
+    def counting(self: FvlmModel, texts: list[str]) -> torch.Tensor:
+        calls.append(list(texts))
+        return original(self, texts)
+
+    monkeypatch.setattr(FvlmModel, "encode_text", counting)
+    p = Predictor(copy, device="cpu", findings=findings)
+    assert calls == [["Emphysema, lung."]]
+    assert p.model.text_encoder is None
+    torch.testing.assert_close(p._positives[1:], predictor._positives[1:], rtol=0, atol=0)
+    torch.testing.assert_close(p._negatives, predictor._negatives, rtol=0, atol=0)
+
+
+def test_a_model_without_its_text_tower_says_how_to_get_it(model_dir, predictor) -> None:
+    with pytest.raises(ConfigError, match="loaded without its text tower.*with_text=True"):
+        predictor.model.encode_text(["Emphysema."])
+    bare = FvlmModel.from_checkpoint(model_dir, with_text=False)
+    assert not bare.has_text and bare.text_encoder is None and bare.text_proj is None
+    with pytest.raises(ConfigError, match="without its text tower"):
+        bare.encode_text(["Emphysema."])
+    full = FvlmModel.from_checkpoint(model_dir)
+    assert full.has_text
+    full.drop_text()
+    full.drop_text()  # idempotent
+    assert not full.has_text
+    with pytest.raises(ConfigError, match="without its text tower"):
+        full.encode_text(["Emphysema."])

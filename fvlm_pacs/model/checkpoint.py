@@ -14,6 +14,17 @@ Loading is strict: apart from the three residue keys the release is known to car
 (:data:`IGNORED_RESIDUE`), any missing or unexpected key, or any shape mismatch, raises
 :class:`CheckpointError` naming the keys — a silently half-loaded model would still produce
 plausible-looking scores.
+
+Loading without the text tower (``load_model(..., with_text=False)``, used by the
+:class:`~fvlm_pacs.model.predictor.Predictor` when its prompt bank is warm) works for our format
+only: the safetensors file is mapped and only the non-text tensors are read, one at a time,
+straight into the model's parameters (no second copy of the weights; the text part of the file
+is never touched, and BERT is never allocated). The key
+set and every shape — text keys included — are still checked against the file's header, and the
+file's sha256 against config.json, so a truncated or foreign file fails exactly as in a full
+load. The released ``.pth`` is a pickle that can only be read whole, so it always loads fully
+(``with_text`` is ignored, logged); convert it once with ``fvlm-pacs model import`` to serve
+without BERT.
 """
 
 from __future__ import annotations
@@ -27,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ..errors import ConfigError, FvlmPacsError
 from .config import RELEASED_ANATOMIES, ModelConfig, TextConfig, VisionConfig
-from .fvlm import FvlmModel
+from .fvlm import FvlmModel, is_text_key
 from .text import load_tokenizer, text_config_from_dir
 
 log = logging.getLogger(__name__)
@@ -187,6 +199,60 @@ def load_state_strict(model: FvlmModel, state: Mapping[str, torch.Tensor]) -> No
     model.load_state_dict(given, strict=True)
 
 
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of the full model (text tower included) with its shape.
+
+    Built on the meta device: no weights are allocated, so a text-less load can still check the
+    text keys of a file it does not read.
+    """
+    with torch.device("meta"):
+        full = FvlmModel(config, with_text=True)
+    return {k: tuple(v.shape) for k, v in full.state_dict().items()}
+
+
+def load_safetensors_strict(model: FvlmModel, weights: str | Path) -> int:
+    """Fill ``model`` from our safetensors file, key by key; returns the number of tensors read.
+
+    The whole file must fit the full model (every key, text included, with its shape: checked
+    from the header, no data read); then only the keys ``model`` has are read — all of them, or
+    the image path only for a model built with ``with_text=False``. Each tensor is copied into
+    its parameter straight from the mapped file, so no second copy of the weights is built next
+    to the model (mapped pages that were read count as page cache until the file is closed).
+    """
+    expected = expected_shapes(model.config)
+    own = model.state_dict()
+    wanted = {k for k in expected if model.has_text or not is_text_key(k)}
+    if set(own) != wanted:  # a guard: only a change to FvlmModel could make them differ
+        raise CheckpointError(
+            f"{weights}: the model's keys differ from its config's: {sorted(set(own) ^ wanted)}"
+        )
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as fh:
+            given = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+            missing = sorted(set(expected) - set(given))
+            unexpected = sorted(set(given) - set(expected))
+            problems = []
+            if missing:
+                problems.append(f"missing keys: {missing}")
+            if unexpected:
+                problems.append(f"unexpected keys: {unexpected}")
+            shapes = [
+                f"{k}: checkpoint {given[k]} vs model {expected[k]}"
+                for k in sorted(set(expected) & set(given))
+                if given[k] != expected[k]
+            ]
+            if shapes:
+                problems.append(f"shape mismatches: {shapes}")
+            if problems:
+                raise CheckpointError(f"{weights} does not fit the model; " + "; ".join(problems))
+            with torch.no_grad():
+                for key, target in own.items():
+                    target.copy_(fh.get_tensor(key))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights}: cannot read the weights: {exc}") from exc
+    return len(own)
+
+
 # -- public entry points -------------------------------------------------------------------
 DEMO_MODEL = "demo"
 """The name that stands for the demo model shipped in the package, wherever a model path goes
@@ -222,29 +288,40 @@ def load_model(
     device: str | torch.device | None = None,
     anatomies: tuple[str, ...] | None = None,
     config: ModelConfig | None = None,
+    with_text: bool = True,
 ) -> FvlmModel:
     """Load our directory format or the released file; the model comes back in eval mode.
 
     ``text_model_dir`` is required for the released format (BERT config + tokenizer); for ours it
     is only a fallback when the directory has no tokenizer files. ``anatomies`` names the
     released file's anatomy queries (default: the CT-RATE four when it has four); ``config``
-    overrides shape inference for a non-standard released file.
+    overrides shape inference for a non-standard released file. ``with_text=False`` (our format
+    only) neither allocates nor reads the text tower — for a process whose prompt bank is warm;
+    the file is still checked in full (sha256, every key and shape). The released format always
+    loads fully.
     """
     p = resolve_model_path(path)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if p.is_dir():
-        model = _load_ours(p, text_model_dir)
+        model = _load_ours(p, text_model_dir, with_text)
     elif p.is_file():
+        if not with_text:
+            log.info(
+                "%s: the released format is read whole, text tower included; convert it with "
+                "`fvlm-pacs model import` to load without it",
+                p.name,
+            )
         model = _load_official(p, text_model_dir, anatomies, config)
     else:
         raise CheckpointError(f"path: {p} is neither a checkpoint directory nor a file")
     model.to(dev).eval()
     log.info(
-        "loaded fVLM %s %s (sha256 %s, %d anatomies) on %s",
+        "loaded fVLM %s %s (sha256 %s, %d anatomies%s) on %s",
         model.name,
         model.version,
         model.sha256[:12],
         len(model.anatomies),
+        "" if model.has_text else ", no text tower",
         dev,
     )
     return model
@@ -270,7 +347,7 @@ def _load_official(
     return model
 
 
-def _load_ours(folder: Path, text_model_dir: str | Path | None) -> FvlmModel:
+def _load_ours(folder: Path, text_model_dir: str | Path | None, with_text: bool) -> FvlmModel:
     meta = read_meta(folder)
     config = ModelConfig.from_dict(meta["model"])
     if tuple(meta.get("anatomies", config.anatomies)) != config.anatomies:
@@ -286,8 +363,8 @@ def _load_ours(folder: Path, text_model_dir: str | Path | None) -> FvlmModel:
     tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
     if tokenizer is None:
         log.warning("no tokenizer in %s and no text_model_dir: encode_text is unavailable", folder)
-    model = FvlmModel(config, tokenizer=tokenizer)
-    load_state_strict(model, load_file(str(weights), device="cpu"))
+    model = FvlmModel(config, tokenizer=tokenizer, with_text=with_text)
+    load_safetensors_strict(model, weights)
     model.name, model.version, model.sha256 = str(meta["name"]), str(meta["version"]), digest
     return model
 

@@ -15,6 +15,15 @@ then only preprocesses, runs the image encoder and scores (FVLM.md "Zero-shot sc
    when the anatomy is missing, no crop could assess it, or the score is not finite — never a
    silent 0.
 
+Start-up and the text tower: the prompt bank is keyed by the weights' sha256, which our format
+states in config.json, so the Predictor opens the bank *before* loading the model. With a warm
+bank (every prompt of the findings table cached) it loads the model without the text tower —
+BERT's weights (~0.4 GiB for BERT-base) are neither read nor allocated. With a cold bank it loads
+the full model, fills the bank (which persists it for the next start) and then drops the text
+tower, so a serving process never keeps BERT either way. The released single-file format has no
+config.json to read the sha256 from and is always read whole; its tower is dropped after the
+bank is filled too.
+
 Results: :meth:`Predictor.run` returns a :class:`Prediction` (findings + per-stage timings + why
 each unassessable anatomy was so); :meth:`Predictor.predict` returns just the findings.
 Scoring runs on CPU in float32 whatever the device, so thresholds mean the same on GPU and CPU
@@ -28,7 +37,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +48,8 @@ import torch
 from ..codes import AnatomyTable, FindingDefinition, load_anatomy_profiles, load_findings
 from ..domain import Finding, FindingStatus, LabelMap, ModelInfo, Volume
 from ..errors import ConfigError
-from .checkpoint import resolve_model_path
+from .checkpoint import read_meta, resolve_model_path
+from .config import ModelConfig
 from .fvlm import FvlmModel
 from .preprocess import AnatomyCrop, anatomy_crops, context_crop, group_by_shape, to_model_grid
 from .prompts import PromptBank
@@ -185,22 +195,12 @@ class Predictor:
         self.max_batch = max_batch
         self.device = auto_device(device)
         t0 = time.perf_counter()
-        self.model = FvlmModel.from_checkpoint(
-            model_path, text_model_dir=text_model_dir, device=self.device
-        ).eval()
+        self.model, self.prompt_bank, self.findings, emb = self._load(
+            model_path, text_model_dir, cache_dir, anatomy_table, findings
+        )
         self.info = ModelInfo(self.model.name, self.model.version, self.model.sha256)
         self.anatomies: tuple[str, ...] = self.model.anatomies
-        table = anatomy_table or anatomy_table_for(self.anatomies)
-        if table.names != self.anatomies:
-            raise ConfigError(
-                f"anatomy_table: profile {table.profile!r} lists {', '.join(table.names)}, "
-                f"the model {', '.join(self.anatomies)}"
-            )
-        defs = tuple(findings) if findings is not None else load_findings(table)
-        defs = tuple(f for f in defs if f.anatomy in self.anatomies)
-        if not defs:
-            raise ConfigError(f"findings: none for the model's anatomies {self.anatomies}")
-        self.findings: tuple[FindingDefinition, ...] = defs
+        defs = self.findings
 
         tpath = Path(thresholds_path) if thresholds_path else default_thresholds_path(model_path)
         calibrated: dict[str, float] = {}
@@ -213,9 +213,6 @@ class Predictor:
             f.name: calibrated.get(f.name, f.default_threshold) for f in defs
         }
 
-        self.prompt_bank = PromptBank.for_model(model_path, self.info.sha256, cache_dir)
-        prompts = [f.positive for f in defs] + [f.negative for f in defs]
-        emb = self.prompt_bank.embeddings(prompts, encoder=self._encode_text)
         n = len(defs)
         self._positives, self._negatives = emb[:n], emb[n:]
         self._anatomy_index = torch.tensor([self.anatomies.index(f.anatomy) for f in defs])
@@ -229,10 +226,83 @@ class Predictor:
             time.perf_counter() - t0,
         )
 
-    def _encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Called by the prompt bank for misses only: a warm bank never runs BERT."""
-        with torch.inference_mode():
-            return self.model.encode_text(texts)
+    def _load(
+        self,
+        model_path: Path,
+        text_model_dir: str | Path | None,
+        cache_dir: str | Path | None,
+        anatomy_table: AnatomyTable | None,
+        findings: Sequence[FindingDefinition] | None,
+    ) -> tuple[FvlmModel, PromptBank, tuple[FindingDefinition, ...], torch.Tensor]:
+        """Model (without its text tower), prompt bank, findings and their prompt embeddings.
+
+        Our format names the weights' sha256 and anatomies in config.json, so the bank is
+        opened first: if it holds every prompt, the model is loaded with ``with_text=False``
+        (BERT never read nor allocated). Otherwise (cold bank, or the released file whose
+        sha256 is only known from reading it) the full model fills the bank, which persists
+        the entries, and the text tower is dropped before serving. Either way the embeddings
+        come from the bank as float32, so the findings are identical.
+        """
+        warm = False
+        bank: PromptBank | None = None
+        defs: tuple[FindingDefinition, ...] = ()
+        if model_path.is_dir():
+            meta = read_meta(model_path)
+            anatomies = ModelConfig.from_dict(meta["model"]).anatomies
+            defs = self._findings_for(anatomies, anatomy_table, findings)
+            bank = PromptBank.for_model(model_path, str(meta["sha256"]), cache_dir)
+            warm = not bank.missing(_prompts(defs))
+        model = FvlmModel.from_checkpoint(
+            model_path, text_model_dir=text_model_dir, device=self.device, with_text=not warm
+        ).eval()
+        if bank is None:  # the released file: its anatomies and sha256 are known only now
+            defs = self._findings_for(model.anatomies, anatomy_table, findings)
+            bank = PromptBank.for_model(model_path, model.sha256, cache_dir)
+        prompts = _prompts(defs)
+        if warm:
+            log.info(
+                "prompt bank warm (%d prompts): model loaded without its text tower",
+                len(set(prompts)),
+            )
+            return model, bank, defs, bank.embeddings(prompts)
+        log.info(
+            "prompt bank cold (%d of %d prompts missing): text tower loaded to fill it, "
+            "dropped before serving",
+            len(bank.missing(prompts)),
+            len(set(prompts)),
+        )
+        emb = bank.embeddings(prompts, encoder=self._text_encoder(model))
+        model.drop_text()
+        return model, bank, defs, emb
+
+    @staticmethod
+    def _findings_for(
+        anatomies: tuple[str, ...],
+        anatomy_table: AnatomyTable | None,
+        findings: Sequence[FindingDefinition] | None,
+    ) -> tuple[FindingDefinition, ...]:
+        """The findings of ``anatomies`` (the checkpoint's, in its order) from the tables."""
+        table = anatomy_table or anatomy_table_for(anatomies)
+        if table.names != anatomies:
+            raise ConfigError(
+                f"anatomy_table: profile {table.profile!r} lists {', '.join(table.names)}, "
+                f"the model {', '.join(anatomies)}"
+            )
+        defs = tuple(findings) if findings is not None else load_findings(table)
+        defs = tuple(f for f in defs if f.anatomy in anatomies)
+        if not defs:
+            raise ConfigError(f"findings: none for the model's anatomies {anatomies}")
+        return defs
+
+    @staticmethod
+    def _text_encoder(model: FvlmModel) -> Callable[[list[str]], torch.Tensor]:
+        """What the prompt bank calls for its misses only: a warm bank never runs BERT."""
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            with torch.inference_mode():
+                return model.encode_text(texts)
+
+        return encode
 
     # -- prediction -----------------------------------------------------------------------
     def predict(self, volume: Volume, labelmap: LabelMap) -> list[Finding]:
@@ -374,6 +444,11 @@ class Predictor:
             else:
                 out[name] = "absent from the label map"
         return out
+
+
+def _prompts(defs: Sequence[FindingDefinition]) -> list[str]:
+    """The prompt texts of ``defs``: all positives, then all negatives (the embedding order)."""
+    return [f.positive for f in defs] + [f.negative for f in defs]
 
 
 def _chunks(items: list[AnatomyCrop], size: int) -> Iterator[list[AnatomyCrop]]:
