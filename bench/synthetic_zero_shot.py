@@ -269,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4, help="peak lr, every variant (1e-4: FVLM.md)")
+    ap.add_argument(
+        "--patch-lr-scale",
+        type=float,
+        default=0.01,
+        help="lr factor of the ViT patch convolution, every variant (see train.param_groups)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fvlm_synth_zs")
     ap.add_argument(
@@ -336,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             batch_size=args.batch,
             lr=args.lr,
+            patch_lr_scale=args.patch_lr_scale,
             min_lr=min(1e-6, args.lr),
             warmup_steps=max(1, args.steps // 10),
             seed=args.seed,

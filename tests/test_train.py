@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fvlm_pacs.cli import main
+from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.model import FvlmModel, Predictor
 from fvlm_pacs.model.dataset import ManifestDataset, collate, orient_fpl, read_nifti
 from fvlm_pacs.model.train import TrainConfig, lr_factor, train
@@ -223,6 +224,25 @@ def test_lr_schedule() -> None:
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.01, abs=1e-3)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_patch_convolution_gets_its_own_learning_rate() -> None:
+    from fvlm_pacs.model.config import tiny
+    from fvlm_pacs.model.train import PATCH_CONV, param_groups
+
+    model = FvlmModel(tiny())
+    groups = param_groups(model, 1e-3, 0.01)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-5)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups[1]["params"]} == {
+        f"visual_encoder.{PATCH_CONV}weight",
+        f"visual_encoder.{PATCH_CONV}bias",
+    }
+    # every parameter in exactly one group
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    with pytest.raises(ConfigError, match="patch_lr_scale"):
+        TrainConfig(manifest=Path("m.csv"), out_dir=Path("o"), patch_lr_scale=0.0)
 
 
 def test_fvlm_loss_goes_down_and_the_model_loads(small: Path, tmp_path: Path) -> None:

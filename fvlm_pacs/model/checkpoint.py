@@ -400,7 +400,10 @@ def save_model(model: FvlmModel, out_dir: str | Path, name: str, version: str) -
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights = out / WEIGHTS_FILE
-    save_file(tensors, str(weights), metadata={"format": FORMAT, "name": name, "version": version})
+    # One metadata key only: safetensors writes the metadata map in no fixed order, so several
+    # keys would give identical weights a different sha256 on every save (name and version
+    # live in config.json).
+    save_file(tensors, str(weights), metadata={"format": FORMAT})
     digest = sha256_file(weights)
     meta = {
         "format": FORMAT,
