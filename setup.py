@@ -21,6 +21,7 @@ setup(
             "templates/*.html",
             # the demo model (`--model demo`), built by `fvlm-pacs model build-demo`
             "models/demo/*",
+            "models/demo/segmentation/*",  # the builtin segmentation network
         ],
     },
     data_files=[("share/fvlm_pacs/mappings", sorted(glob("mappings/*")))],

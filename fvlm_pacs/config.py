@@ -197,6 +197,11 @@ class Settings(BaseSettings):
     )
     totalsegmentator_device: Literal["gpu", "cpu"] = Field("cpu")
     totalsegmentator_fast: bool = Field(False)
+    builtin_segmentation_dir: Path | None = Field(
+        None,
+        description="Weights folder of the builtin segmentation network; unset = the one "
+        "shipped in the demo model (models/demo/segmentation).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
 
     _check_ae = field_validator("ae_title")(_check_ae_title)

@@ -84,6 +84,8 @@ def build_stages(settings: Settings) -> Stages:
             "device": settings.totalsegmentator_device,
             "fast": settings.totalsegmentator_fast,
         }
+    elif settings.segmentation_provider == "builtin":
+        options = {"model_dir": settings.builtin_segmentation_dir}
     try:
         segmenter = make_provider(settings.segmentation_provider, table, **options)
         check = getattr(segmenter, "check", None)

@@ -330,9 +330,11 @@ def test_totalsegmentator_weights_missing(tmp_path: Path, table: AnatomyTable) -
 # --- factory --------------------------------------------------------------------------------
 
 
-def test_builtin_is_refused_honestly(table: AnatomyTable) -> None:
-    with pytest.raises(SegmentationUnavailable, match="not trained yet"):
-        make_provider("builtin", table)
+def test_builtin_without_weights_names_the_setting(table: AnatomyTable, tmp_path: Path) -> None:
+    provider = make_provider("builtin", table, model_dir=tmp_path / "no-weights")
+    assert provider.name == "builtin"
+    with pytest.raises(SegmentationUnavailable, match="builtin_segmentation_dir"):
+        provider.check()  # type: ignore[attr-defined]
 
 
 def test_unknown_provider_name(table: AnatomyTable) -> None:

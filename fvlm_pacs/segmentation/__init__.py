@@ -5,7 +5,10 @@
 * ``totalsegmentator``
   (:class:`~fvlm_pacs.segmentation.totalsegmentator.TotalSegmentatorProvider`): TotalSegmentator v2
   ``total`` with locally installed weights (extra ``totalseg``), never downloading;
-* ``builtin``: our own network, not trained yet (refused with a clear message).
+* ``builtin`` (:class:`~fvlm_pacs.segmentation.builtin.BuiltinSegmenter`): a small MONAI U-Net
+  shipped in the demo model folder, trained on synthetic phantoms only
+  (:mod:`~fvlm_pacs.segmentation.builtin_train`); for demonstrations and as a last resort, its
+  Dice is measured on phantoms, not on patients.
 """
 
 from fvlm_pacs.segmentation.base import (

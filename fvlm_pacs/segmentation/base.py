@@ -2,8 +2,8 @@
 
 fVLM pools image tokens inside each anatomy's mask, so every study needs an anatomy label map on
 the CT volume's voxel grid. Where that map comes from is a site decision (an existing DICOM SEG in
-the study, a local TotalSegmentator install, later our own network); the pipeline only sees
-:class:`SegmentationProvider`.
+the study, a local TotalSegmentator install, or the small network shipped with the package and
+trained on synthetic phantoms); the pipeline only sees :class:`SegmentationProvider`.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def make_provider(name: str, table: AnatomyTable, **options: Any) -> Segmentatio
 
     ``options`` go to the provider's constructor: ``dicom-seg`` takes ``match_segment_labels``
     (bool); ``totalsegmentator`` takes ``weights_dir`` (the ``totalsegmentator_weights`` setting),
-    ``device``, ``fast`` and ``runner``. ``builtin`` raises :class:`SegmentationUnavailable` (the
-    network is not trained yet); an unknown name raises :class:`~fvlm_pacs.errors.ConfigError`.
+    ``device``, ``fast`` and ``runner``; ``builtin`` takes ``model_dir`` (the
+    ``builtin_segmentation_dir`` setting; None = the network shipped in the demo model) and
+    ``device``. Providers load their weights lazily; call their ``check()`` to fail early. An
+    unknown name raises :class:`~fvlm_pacs.errors.ConfigError`.
     """
     if name == "dicom-seg":
         from fvlm_pacs.segmentation.dicom_seg import DicomSegProvider
@@ -64,10 +66,9 @@ def make_provider(name: str, table: AnatomyTable, **options: Any) -> Segmentatio
 
         return TotalSegmentatorProvider(table, **options)
     if name == "builtin":
-        raise SegmentationUnavailable(
-            "the builtin segmentation network is not trained yet (issue 4); "
-            "set segmentation_provider to dicom-seg or totalsegmentator"
-        )
+        from fvlm_pacs.segmentation.builtin import BuiltinSegmenter
+
+        return BuiltinSegmenter(table, **options)
     raise ConfigError(
         f"segmentation_provider: unknown provider {name!r} (known: {', '.join(PROVIDER_NAMES)})"
     )
