@@ -1,5 +1,5 @@
-"""Command line: ``fvlm-pacs serve | worker | run | synth | train | eval | calibrate | db upgrade |
-echo | mappings check | model import``.
+"""Command line: ``fvlm-pacs serve | worker | run | demo | synth | train | eval | calibrate | db upgrade |
+echo | mappings check | model import | validate``.
 
 The only module that configures logging. Flags override the environment, which overrides the
 YAML file given with ``--config``.
@@ -8,6 +8,7 @@ YAML file given with ``--config``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -48,6 +49,18 @@ _OVERRIDES = (
 )
 
 
+def _demo_flags(p: argparse.ArgumentParser) -> None:
+    from fvlm_pacs import demo  # light: stdlib only at import
+
+    p.add_argument(
+        "--dir", type=Path, default=demo.DEFAULT_DIR, dest="demo_dir", help="demo folder"
+    )
+    p.add_argument("--model", default=demo.DEFAULT_MODEL, help="model folder, or `demo`")
+    p.add_argument("--seed", type=int, default=demo.DEFAULT_SEED, help="phantom seed")
+    p.add_argument("--exit", action="store_true", dest="exit_when_done", help="stop when done")
+    p.add_argument("--timeout", type=float, default=demo.DEFAULT_TIMEOUT, help="seconds to wait")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fvlm-pacs", description=__doc__)
     p.add_argument("--version", action="version", version=f"fvlm-pacs {__version__}")
@@ -59,6 +72,17 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("study_dir", type=Path, help="folder with one study's DICOM files")
     run.add_argument("--model", type=Path, dest="model_dir", help="fVLM model folder")
     run.add_argument("--json", type=Path, dest="json_out", help="write the result JSON here")
+    run.add_argument(
+        "--out", type=Path, dest="out_dir", help="write the SEG, SR and summary here (with --model)"
+    )
+    validate = sub.add_parser(
+        "validate", help="check SR/SEG/summary files against the AI-result checklist + dciodvfy"
+    )
+    validate.add_argument("files", type=Path, nargs="+", help="DICOM files written by fvlm-pacs")
+    validate.add_argument(
+        "--sources", type=Path, help="folder with the source CT series (enables comparisons)"
+    )
+    validate.add_argument("--no-dciodvfy", action="store_true", help="skip dciodvfy")
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     _settings_flags(db_sub.add_parser("upgrade", help="apply Alembic migrations"))
@@ -71,6 +95,11 @@ def parser() -> argparse.ArgumentParser:
     mappings_sub = mappings.add_subparsers(dest="mappings_command", required=True)
     check = mappings_sub.add_parser("check", help="validate the tables and print a summary")
     check.add_argument("--dir", type=Path, dest="mappings_dir", help="a mappings/ folder")
+    _demo_flags(
+        sub.add_parser(
+            "demo", help="one synthetic CT study through a real local service, end to end"
+        )
+    )
     synth = sub.add_parser("synth", help="write synthetic chest CT phantoms with reports")
     synth.add_argument("--n", type=int, default=10, help="number of cases")
     synth.add_argument("--seed", type=int, default=0, help="case i uses seed + i")
@@ -111,6 +140,20 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--anatomies", help="comma-separated, index order (default lung,heart,esophagus,aorta)"
     )
+    demo = model_sub.add_parser(
+        "build-demo", help="make the shipped demo model: phantoms, training, calibration, card"
+    )
+    demo.add_argument("--cases", type=int, default=120, help="synthetic phantoms (all splits)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps")
+    demo.add_argument(
+        "--seg-steps",
+        type=int,
+        default=600,
+        help="training steps of the builtin segmentation network (0: ship none)",
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--work", type=Path, default=Path("fvlm-demo-build"), help="scratch folder")
+    demo.add_argument("--out", type=Path, help="default: the package's models/demo folder")
     return p
 
 
@@ -195,8 +238,53 @@ def _model_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(settings: Settings, study_dir: Path, json_out: Path | None) -> int:
-    """The worker's stages on local files: assembly, and findings when a model is set."""
+def _build_demo(args: argparse.Namespace) -> int:
+    """Rebuild the shipped demo model (minutes on a CPU) and print its measured mean AUC."""
+    from fvlm_pacs.model.demo_build import EVAL_FILE, DemoRecipe, build_demo
+
+    recipe = DemoRecipe(
+        cases=args.cases, steps=args.steps, seg_steps=args.seg_steps, seed=args.seed
+    )
+    try:
+        out = build_demo(recipe, args.work, args.out)
+    except (FvlmPacsError, OSError) as exc:
+        print(f"fvlm-pacs: {exc}", file=sys.stderr)
+        return 2
+    mean = json.loads((out / EVAL_FILE).read_text(encoding="utf-8")).get("mean_auc")
+    print(f"demo model written to {out} (mean zero-shot AUC on held-out phantoms: {mean})")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """Named checks (and dciodvfy) per file; exit 1 when any file has an error."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from fvlm_pacs.writers.validate import dciodvfy_available, validate_files
+
+    sources = []
+    if args.sources is not None:
+        for p in sorted(x for x in args.sources.rglob("*") if x.is_file()):
+            try:
+                ds = pydicom.dcmread(p, stop_before_pixels=True)
+            except (InvalidDicomError, OSError, ValueError):
+                continue
+            if str(ds.get("Modality", "")) not in ("SR", "SEG", "OT"):
+                sources.append(ds)
+    use_dciodvfy = not args.no_dciodvfy
+    if use_dciodvfy and not dciodvfy_available():
+        print("dciodvfy not installed: named checks only", file=sys.stderr)
+    reports = validate_files(args.files, sources, dciodvfy=use_dciodvfy)
+    for report in reports:
+        print("\n".join(report.lines()))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _run(
+    settings: Settings, study_dir: Path, json_out: Path | None, out_dir: Path | None = None
+) -> int:
+    """The worker's stages on local files: assembly, findings when a model is set, and the DICOM
+    outputs into ``out_dir`` when given."""
     import json
 
     from rich.console import Console
@@ -211,7 +299,7 @@ def _run(settings: Settings, study_dir: Path, json_out: Path | None) -> int:
         return 2
     paths = sorted(p for p in study_dir.rglob("*") if p.is_file())
     try:
-        result = run_stages(build_stages(settings), paths)
+        result = run_stages(build_stages(settings), paths, out_dir, installation=settings.ae_title)
     except ConfigError as exc:
         print(f"fvlm-pacs: {exc}", file=sys.stderr)
         return 2
@@ -240,6 +328,10 @@ def _run(settings: Settings, study_dir: Path, json_out: Path | None) -> int:
     console.print(
         "timings: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in result["timings"].items())
     )
+    if out_dir is not None and "outputs" not in result:
+        console.print("no model_dir set: no DICOM outputs written")
+    for output in result.get("outputs", []):
+        console.print(f"{output['kind']}: {Path(out_dir or '.') / output['path']}")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
         console.print(f"result written to {json_out}")
@@ -250,6 +342,7 @@ def _zero_shot(args: argparse.Namespace) -> int:
     """``eval``: report on a split with the model's thresholds; ``calibrate``: write them."""
     from fvlm_pacs.evaluation import calibrate, evaluate, write_thresholds
     from fvlm_pacs.model import Predictor
+    from fvlm_pacs.model.checkpoint import resolve_model_path
     from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases
 
     manifest = args.data / "manifest.csv"
@@ -262,6 +355,7 @@ def _zero_shot(args: argparse.Namespace) -> int:
     )
     thresholds = getattr(args, "thresholds", None)
     try:
+        args.model = resolve_model_path(args.model)
         predictor = Predictor(args.model, mode=args.mode, thresholds_path=thresholds)
     except FvlmPacsError as exc:
         print(f"fvlm-pacs: {exc}", file=sys.stderr)
@@ -301,8 +395,18 @@ def main(argv: list[str] | None = None) -> int:
         return _echo(args)
     if args.command == "mappings":
         return _mappings_check(args.mappings_dir)
+    if args.command == "validate":
+        _configure_logging("WARNING")
+        return _validate(args)
     if args.command == "synth":
         return _synth(args)
+    if args.command == "demo":
+        from fvlm_pacs.demo import DemoOptions, run_demo
+
+        _configure_logging("WARNING")
+        return run_demo(
+            DemoOptions(args.demo_dir, args.model, args.seed, args.exit_when_done, args.timeout)
+        )
     if args.command in ("eval", "calibrate"):
         _configure_logging("WARNING")
         return _zero_shot(args)
@@ -311,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args.config)
     if args.command == "model":
         _configure_logging("INFO")
-        return _model_import(args)
+        return _build_demo(args) if args.model_command == "build-demo" else _model_import(args)
     try:
         settings = _load(args)
     except ConfigError as exc:
@@ -319,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(settings.log_level)
     if args.command == "run":
-        return _run(settings, args.study_dir, args.json_out)
+        return _run(settings, args.study_dir, args.json_out, args.out_dir)
     if args.command == "db":
         from fvlm_pacs.db import make_engine, upgrade
 

@@ -23,8 +23,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert f"readme_test_command='{command}'" in ci
 
 
-def test_quick_start_runs_serve() -> None:
-    assert "fvlm-pacs serve" in _block_after("Quick start")
+def test_quick_start_runs_the_demo_and_documents_serve() -> None:
+    """The first command a newcomer copies is the demo; ``serve`` stays the production command."""
+    first = _block_after("Quick start").strip()
+    assert first.startswith("python3 -m venv .venv && ") and first.endswith("fvlm-pacs demo")
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "fvlm-pacs serve" in quick_start
 
 
 def test_configuration_table_lists_every_setting() -> None:
