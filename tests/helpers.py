@@ -106,7 +106,30 @@ def storescu(port: int, paths: Sequence[Path], *, calling_aet: str = "STORESCU")
     )
 
 
-class ServeProcess:
+class LoopbackHttp:
+    """A server under test with an HTTP API on ``127.0.0.1:http_port``: GETs that fail the test
+    on an HTTP error (``fvlm-pacs serve``'s API, Orthanc's REST API)."""
+
+    http_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str) -> Any:
+        """A resource as JSON (``/api/exports``, ``/studies/{id}/series``…)."""
+        r = requests.get(f"{self.url}{path}", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def get_text(self, path: str) -> str:
+        """A resource as text (``/metrics``, the worklist page)."""
+        r = requests.get(f"{self.url}{path}", timeout=10)
+        r.raise_for_status()
+        return r.text
+
+
+class ServeProcess(LoopbackHttp):
     """``fvlm-pacs serve`` in a subprocess with its own config file and free ports."""
 
     def __init__(self, workdir: Path, **settings: Any) -> None:
@@ -126,10 +149,6 @@ class ServeProcess:
         self.log_path = workdir / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
     def start(self) -> ServeProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -148,26 +167,6 @@ class ServeProcess:
             return requests.get(f"{self.url}/health", timeout=1).status_code == 200
         except requests.RequestException:
             return False
-
-    def studies_with_uid(self, study_uid: str) -> list[str]:
-        """Orthanc IDs of the study resources with this Study Instance UID (one per patient)."""
-        r = requests.post(
-            f"{self.url}/tools/find",
-            json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}},
-            timeout=10,
-        )
-        r.raise_for_status()
-        return [str(i) for i in r.json()]
-
-    def get(self, path: str) -> Any:
-        r = requests.get(f"{self.url}{path}", timeout=10)
-        r.raise_for_status()
-        return r.json()
-
-    def get_text(self, path: str) -> str:
-        r = requests.get(f"{self.url}{path}", timeout=10)
-        r.raise_for_status()
-        return r.text
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -203,7 +202,7 @@ def orthanc_binary() -> str:
     return binary
 
 
-class Orthanc:
+class Orthanc(LoopbackHttp):
     """One Orthanc process with its own storage, on free (or given) loopback ports."""
 
     def __init__(self, workdir: Path, *, dicom_port: int | None = None) -> None:
@@ -212,10 +211,6 @@ class Orthanc:
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> Orthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -291,12 +286,6 @@ class Orthanc:
         )
         r.raise_for_status()
         return [str(i) for i in r.json()]
-
-    def get(self, path: str) -> Any:
-        """A REST resource as JSON (``/studies/{id}/series``, ``/instances/{id}/metadata/…``)."""
-        r = requests.get(f"{self.url}{path}", timeout=10)
-        r.raise_for_status()
-        return r.json()
 
     def upload(self, path: Path) -> str:
         """Store a file through the REST API (as the PACS's own content); its Orthanc ID."""

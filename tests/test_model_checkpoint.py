@@ -97,6 +97,16 @@ def test_bare_state_dict_is_accepted(released, tmp_path) -> None:
     torch.testing.assert_close(model.temp, released["source"].temp)
 
 
+def spoil(state: dict[str, torch.Tensor], change: str, named: str) -> None:
+    """Break a state dict at one key: ``drop`` it, ``add`` it, or give it the wrong ``shape``."""
+    if change == "drop":
+        del state[named]
+    elif change == "add":
+        state[named] = torch.zeros(3)
+    else:
+        state[named] = torch.zeros(5, 5)
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -110,12 +120,7 @@ def test_bare_state_dict_is_accepted(released, tmp_path) -> None:
 )
 def test_wrong_or_missing_key_fails_with_its_name(released, tmp_path, change, named) -> None:
     state = dict(released["state"])
-    if change == "drop":
-        del state[named]
-    elif change == "add":
-        state[named] = torch.zeros(3)
-    else:
-        state[named] = torch.zeros(5, 5)
+    spoil(state, change, named)
     path = tmp_path / "bad.pth"
     torch.save({"model": state}, path)
     with pytest.raises(CheckpointError, match=named.replace(".", r"\.")):
@@ -236,12 +241,7 @@ def test_our_format_is_strict_with_or_without_the_text_tower(
 ) -> None:
     folder = Path(shutil.copytree(ours["dir"], tmp_path / "m"))
     state = load_file(str(folder / "model.safetensors"))
-    if change == "drop":
-        del state[named]
-    elif change == "add":
-        state[named] = torch.zeros(3)
-    else:
-        state[named] = torch.zeros(5, 5)
+    spoil(state, change, named)
     republish(folder, state)
     with pytest.raises(CheckpointError, match=named.replace(".", r"\.")):
         FvlmModel.from_checkpoint(folder, with_text=with_text)

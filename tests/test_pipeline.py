@@ -4,6 +4,8 @@ through `run_stages`, `fvlm-pacs run`, and a job in `serve`'s worker path."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -17,11 +19,11 @@ from fvlm_pacs.codes import load_anatomies, load_series_rules
 from fvlm_pacs.config import load_settings
 from fvlm_pacs.db import Job, utcnow
 from fvlm_pacs.errors import ConfigError
-from fvlm_pacs.jobs.queue import JobQueue
+from fvlm_pacs.jobs.queue import ClaimedJob, JobQueue
 from fvlm_pacs.model import Predictor
 from fvlm_pacs.pipeline import STAGES_VERSION, Stages, run_stages, run_study
 from fvlm_pacs.segmentation import make_provider
-from fvlm_pacs.service import build, build_stages
+from fvlm_pacs.service import Parts, build, build_stages
 from fvlm_pacs.studies.completion import CompletionSweep
 from fvlm_pacs.triage import assess
 from fvlm_pacs.writers.validate import validate_files
@@ -98,15 +100,22 @@ def test_cli_run_without_model_assembles_only(study, tmp_path, capsys) -> None:
 
 def test_builtin_provider_fails_at_start_naming_the_setting(model_dir: Path, tmp_path) -> None:
     settings = load_settings(
-        data_dir=tmp_path, model_dir=model_dir, segmentation_provider="builtin"
+        data_dir=tmp_path,
+        model_dir=model_dir,
+        segmentation_provider="builtin",
+        builtin_segmentation_dir=tmp_path / "no-weights",
     )
-    with pytest.raises(ConfigError, match="segmentation_provider"):
+    with pytest.raises(ConfigError, match="segmentation_provider.*builtin_segmentation_dir"):
         build_stages(settings)
 
 
-def test_job_in_the_service_gets_findings(model_dir: Path, study, tmp_path) -> None:
-    uid, paths = study
-    settings = load_settings(data_dir=tmp_path / "data", model_dir=model_dir, stable_seconds=30)
+@contextmanager
+def claimed_job(
+    model_dir: Path, paths: list[Path], data_dir: Path
+) -> Iterator[tuple[Parts, JobQueue, ClaimedJob]]:
+    """``serve``'s parts after the study arrived over DIMSE and a sweep a minute later made its
+    job, claimed the way a worker does; the engine is closed afterwards."""
+    settings = load_settings(data_dir=data_dir, model_dir=model_dir, stable_seconds=30)
     parts = build(settings)
     try:
         for path in paths:
@@ -123,14 +132,20 @@ def test_job_in_the_service_gets_findings(model_dir: Path, study, tmp_path) -> N
         queue = JobQueue(parts.sessions, lease_seconds=60, backoff_seconds=1, clock=later)
         job = queue.claim("test-worker")
         assert job is not None and job.id == job_id
+        yield parts, queue, job
+    finally:
+        parts.engine.dispose()
+
+
+def test_job_in_the_service_gets_findings(model_dir: Path, study, tmp_path) -> None:
+    _uid, paths = study
+    with claimed_job(model_dir, paths, tmp_path / "data") as (parts, queue, job):
         assert job.pipeline_version == "1+tiny-0.1"
         assert queue.succeed(job, run_study(parts.pipeline, job)) is not None
         with parts.sessions() as s:
-            row = s.scalars(select(Job).where(Job.id == job_id)).one()
+            row = s.scalars(select(Job).where(Job.id == job.id)).one()
         assert row.state == "succeeded"
         check_findings(row.detail or {})
-    finally:
-        parts.engine.dispose()
 
 
 def test_serve_with_a_broken_model_dir_fails_at_start(tmp_path, capsys) -> None:
@@ -200,25 +215,9 @@ def test_job_writes_outputs_and_a_rerun_names_its_predecessor(
     model_dir: Path, study, tmp_path: Path
 ) -> None:
     uid, paths = study
-    settings = load_settings(data_dir=tmp_path / "data", model_dir=model_dir, stable_seconds=30)
-    parts = build(settings)
-    try:
-        for path in paths:
-            parts.intake.receive(path.read_bytes(), source="dimse")
-        later = lambda: utcnow() + timedelta(seconds=60)  # noqa: E731
-        sweep = CompletionSweep(
-            parts.sessions,
-            stable_seconds=30,
-            pipeline_version=parts.pipeline.stages.version,
-            max_attempts=3,
-            clock=later,
-        )
-        sweep.sweep()
-        queue = JobQueue(parts.sessions, lease_seconds=60, backoff_seconds=1, clock=later)
-        job = queue.claim("test-worker")
-        assert job is not None
+    with claimed_job(model_dir, paths, tmp_path / "data") as (parts, queue, job):
         first = run_study(parts.pipeline, job)
-        root = settings.data_dir / "outputs"
+        root = parts.settings.data_dir / "outputs"
         assert parts.pipeline.outputs_root == root
         sr_out = next(o for o in first["outputs"] if o["kind"] == "sr")
         assert Path(sr_out["path"]).parts[:2] == (uid, f"job-{job.id}")
@@ -236,5 +235,3 @@ def test_job_writes_outputs_and_a_rerun_names_its_predecessor(
         ref = second_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
         assert ref.SeriesInstanceUID == first_sr.SeriesInstanceUID
         assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
-    finally:
-        parts.engine.dispose()

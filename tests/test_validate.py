@@ -8,6 +8,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -16,8 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 
 from fvlm_pacs.cli import main
+from fvlm_pacs.domain import Finding
 from fvlm_pacs.errors import OutputError
-from fvlm_pacs.writers import write_outputs
+from fvlm_pacs.writers import OutputObject, write_outputs
 from fvlm_pacs.writers.seg import build_seg
 from fvlm_pacs.writers.sr import build_sr, reported_finding
 from fvlm_pacs.writers.summary import build_summary
@@ -374,6 +376,16 @@ def test_cli_validate_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 # -- write_outputs refuses invalid objects ------------------------------------------------------
+def _write(
+    case: Case, out: Path, findings: list[Finding] | None = None, **options: Any
+) -> list[OutputObject]:
+    """``write_outputs`` for a test case, with the test model, anatomy and findings tables."""
+    findings = make_findings() if findings is None else findings
+    return write_outputs(
+        case.volume, case.labelmap, findings, case.paths, MODEL, TABLE, DEFINITIONS, out, **options
+    )
+
+
 def test_write_outputs_refuses_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -381,17 +393,7 @@ def test_write_outputs_refuses_and_leaves_nothing(
     monkeypatch.setattr("fvlm_pacs.writers.sr.SR_SERIES_DESCRIPTION", "Findings")
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="sr.series_description_ai") as info:
-        write_outputs(
-            case.volume,
-            case.labelmap,
-            make_findings(),
-            case.paths,
-            MODEL,
-            TABLE,
-            DEFINITIONS,
-            out,
-            dciodvfy=False,
-        )
+        _write(case, out, dciodvfy=False)
     assert info.value.detail and info.value.detail["validation"]
     assert list(out.iterdir()) == []
 
@@ -399,17 +401,7 @@ def test_write_outputs_refuses_and_leaves_nothing(
 def test_write_outputs_paths_are_relative_to_the_root(tmp_path: Path) -> None:
     case = make_case(tmp_path / "study")
     root = tmp_path / "outputs"
-    outputs = write_outputs(
-        case.volume,
-        case.labelmap,
-        make_findings(),
-        case.paths,
-        MODEL,
-        TABLE,
-        DEFINITIONS,
-        root / "1.2.3" / "job-7",
-        outputs_root=root,
-    )
+    outputs = _write(case, root / "1.2.3" / "job-7", outputs_root=root)
     assert [o.kind for o in outputs] == ["seg", "sr", "summary", "summary-png"]
     for o in outputs:
         assert not o.path.is_absolute() and o.path.parts[:2] == ("1.2.3", "job-7")
@@ -425,16 +417,7 @@ def test_write_outputs_paths_are_relative_to_the_root(tmp_path: Path) -> None:
 def test_write_outputs_without_any_anatomy_writes_no_seg(tmp_path: Path) -> None:
     case = make_case(tmp_path / "study", np.zeros_like(boxes(TABLE)))
     not_assessable = [replace(f, score=None, status="not_assessable") for f in make_findings()]
-    outputs = write_outputs(
-        case.volume,
-        case.labelmap,
-        not_assessable,
-        case.paths,
-        MODEL,
-        TABLE,
-        DEFINITIONS,
-        tmp_path / "out",
-    )
+    outputs = _write(case, tmp_path / "out", not_assessable)
     assert [o.kind for o in outputs] == ["sr", "summary", "summary-png"]
     sr = pydicom.dcmread(tmp_path / "out" / "sr.dcm")
     assert check_dataset(sr, Context(sources=tuple(case.sources))) == []
@@ -449,16 +432,7 @@ def test_sources_without_type2_patient_attributes_still_work(tmp_path: Path) -> 
         for keyword in ("PatientBirthDate", "AccessionNumber", "ReferringPhysicianName"):
             delattr(ds, keyword)
         ds.save_as(path)
-    outputs = write_outputs(
-        case.volume,
-        case.labelmap,
-        make_findings(),
-        case.paths,
-        MODEL,
-        TABLE,
-        DEFINITIONS,
-        tmp_path / "out",
-    )
+    outputs = _write(case, tmp_path / "out")
     sr = pydicom.dcmread(tmp_path / "out" / "sr.dcm")
     assert [o.kind for o in outputs] == ["seg", "sr", "summary", "summary-png"]
     assert "PatientBirthDate" in sr and not sr.PatientBirthDate

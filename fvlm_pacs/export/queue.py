@@ -9,8 +9,9 @@ Rows are independent: each destination's rows are claimed by that destination's 
 thread, so a dead or slow PACS only delays its own rows. A row is claimed under a lease
 (``lease_owner``, ``lease_expires_at``) that the worker renews while it sends; a row left in
 ``sending`` by a crashed process is claimed again once its lease has run out. Every outcome is
-fenced by (row id, lease owner), as in :mod:`fvlm_pacs.jobs.queue`, whose backoff and claim
-locking (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) this queue shares.
+fenced by (row id, lease owner), as in :mod:`fvlm_pacs.jobs.queue`, whose backoff and lease
+steps (:class:`~fvlm_pacs.jobs.claims.LeasedTable`: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL)
+this queue shares.
 
 Retryable errors back off exponentially (``export_backoff_seconds`` doubling per attempt, at most
 ``export_backoff_max_seconds``) until ``export_max_attempts``; a permanent error is ``dead`` at
@@ -30,18 +31,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from fvlm_pacs.config import Settings
-from fvlm_pacs.db import Export, Result, audit, skip_locked, utcnow
-from fvlm_pacs.errors import FvlmPacsError
+from fvlm_pacs.db import Export, Result, audit, utcnow
 from fvlm_pacs.export.base import Outgoing
+from fvlm_pacs.jobs.claims import LeasedTable, error_text, is_retryable
 from fvlm_pacs.jobs.queue import backoff_delay
 
 log = logging.getLogger(__name__)
 
 STATES = ("pending", "sending", "done", "dead")
+_LEASES = LeasedTable(Export, waiting="pending", active="sending", what="export")
 
 # Sent first to last: a SEG before the SR that references its segments.
 _SEND_ORDER = {"seg": 0, "summary": 1, "sr": 2}
@@ -139,19 +141,7 @@ class ExportQueue:
         for _ in range(100):  # bounded: each pass either claims or dead-letters one row
             now = self.clock()
             with self.sessions.begin() as session:
-                query = (
-                    select(Export)
-                    .where(
-                        Export.destination == destination,
-                        or_(
-                            and_(Export.state == "pending", Export.next_attempt_at <= now),
-                            and_(Export.state == "sending", Export.lease_expires_at < now),
-                        ),
-                    )
-                    .order_by(Export.next_attempt_at, Export.id)
-                    .limit(1)
-                )
-                row = session.scalars(skip_locked(session, query)).first()
+                row = _LEASES.next_due(session, now, Export.destination == destination)
                 if row is None:
                     return None
                 result = session.get(Result, row.result_id)
@@ -162,7 +152,17 @@ class ExportQueue:
                     )
                     row.last_error = f"lease of worker {row.lease_owner} expired while sending"
                     if row.attempts >= self.max_attempts:
-                        self._dead(session, row, result, now, row.last_error, actor=owner)
+                        self._settle(
+                            session,
+                            row,
+                            "dead",
+                            None,
+                            now,
+                            event="export_dead",
+                            actor=owner,
+                            study_instance_uid=result.study_instance_uid,
+                            error=row.last_error,
+                        )
                         continue
                 row.state = "sending"
                 row.attempts += 1
@@ -190,71 +190,56 @@ class ExportQueue:
     def renew(self, claimed: ClaimedExport) -> bool:
         """Extend the lease; False if it was lost (the row belongs to someone else now)."""
         with self.sessions.begin() as session:
-            res = session.execute(
-                update(Export)
-                .where(
-                    Export.id == claimed.id,
-                    Export.state == "sending",
-                    Export.lease_owner == claimed.owner,
-                )
-                .values(lease_expires_at=self.clock() + self.lease)
-            )
-            return bool(res.rowcount)  # type: ignore[attr-defined]
+            return _LEASES.renew(session, claimed.id, claimed.owner, self.clock() + self.lease)
 
     def succeed(self, claimed: ClaimedExport) -> bool:
         """Mark delivered; False if fenced out (another worker owns the row now)."""
         now = self.clock()
         with self.sessions.begin() as session:
-            row = self._owned(session, claimed)
+            row = _LEASES.owned(session, claimed.id, claimed.owner)
             if row is None:
                 return False
-            row.state = "done"
             row.last_error = None
-            row.next_attempt_at = None
-            self._clear_lease(row, now)
-            audit(
+            self._settle(
                 session,
-                "export_done",
+                row,
+                "done",
+                None,
+                now,
+                event="export_done",
                 actor=claimed.owner,
                 study_instance_uid=claimed.study_instance_uid,
-                detail=self._detail(claimed, row),
             )
         return True
 
     def fail(self, claimed: ClaimedExport, error: BaseException) -> str | None:
         """Record a failed attempt; returns the new state (pending/dead) or None if fenced."""
         now = self.clock()
-        # Our errors say whether a retry can help; anything unexpected gets the benefit.
-        retryable = error.retryable if isinstance(error, FvlmPacsError) else True
-        message = f"{type(error).__name__}: {error}"[:4000]
+        retryable = is_retryable(error)
+        message = error_text(error)
         with self.sessions.begin() as session:
-            row = self._owned(session, claimed)
+            row = _LEASES.owned(session, claimed.id, claimed.owner)
             if row is None:
                 return None
             row.last_error = message
             if not retryable or row.attempts >= self.max_attempts:
-                result = session.get(Result, row.result_id)
-                assert result is not None
-                self._dead(session, row, result, now, message, actor=claimed.owner)
-                state = "dead"
+                state, due, when = "dead", None, {}
             else:
                 state = "pending"
-                row.state = state
-                row.next_attempt_at = now + backoff_delay(
-                    self.backoff, row.attempts, self.backoff_max
-                )
-                self._clear_lease(row, now)
-                audit(
-                    session,
-                    "export_retry_scheduled",
-                    actor=claimed.owner,
-                    study_instance_uid=claimed.study_instance_uid,
-                    detail={
-                        **self._detail(claimed, row),
-                        "error": message,
-                        "next_attempt_at": row.next_attempt_at.isoformat(),
-                    },
-                )
+                due = now + backoff_delay(self.backoff, row.attempts, self.backoff_max)
+                when = {"next_attempt_at": due.isoformat()}
+            self._settle(
+                session,
+                row,
+                state,
+                due,
+                now,
+                event="export_dead" if state == "dead" else "export_retry_scheduled",
+                actor=claimed.owner,
+                study_instance_uid=claimed.study_instance_uid,
+                error=message,
+                **when,
+            )
         log.warning(
             "export %d to %s attempt %d failed (%s): %s",
             claimed.id,
@@ -269,19 +254,19 @@ class ExportQueue:
         """Give a row back without counting the attempt (clean shutdown mid-send)."""
         now = self.clock()
         with self.sessions.begin() as session:
-            row = self._owned(session, claimed)
+            row = _LEASES.owned(session, claimed.id, claimed.owner)
             if row is None:
                 return False
-            row.state = "pending"
             row.attempts = max(0, row.attempts - 1)
-            row.next_attempt_at = now
-            self._clear_lease(row, now)
-            audit(
+            self._settle(
                 session,
-                "export_released",
+                row,
+                "pending",
+                now,
+                now,
+                event="export_released",
                 actor=claimed.owner,
                 study_instance_uid=claimed.study_instance_uid,
-                detail=self._detail(claimed, row),
             )
             return True
 
@@ -342,50 +327,40 @@ class ExportQueue:
             ).all()
         return {d: int(n) for d, n in rows}
 
-    def _dead(
-        self, session: Session, row: Export, result: Result, now: datetime, error: str, actor: str
+    def _settle(
+        self,
+        session: Session,
+        row: Export,
+        state: str,
+        due: datetime | None,
+        now: datetime,
+        *,
+        event: str,
+        actor: str,
+        study_instance_uid: str,
+        **detail: Any,
     ) -> None:
-        row.state = "dead"
-        row.next_attempt_at = None
+        """End an attempt: the row is ``state``, due again at ``due`` (None: never), its lease
+        given up; audit ``event`` naming the row, result, destination and attempt (+ ``detail``)."""
+        row.state = state
+        row.next_attempt_at = due
         self._clear_lease(row, now)
         audit(
             session,
-            "export_dead",
+            event,
             actor=actor,
-            study_instance_uid=result.study_instance_uid,
+            study_instance_uid=study_instance_uid,
             detail={
                 "export_id": row.id,
                 "result_id": row.result_id,
                 "destination": row.destination,
                 "attempt": row.attempts,
-                "error": error,
+                **detail,
             },
         )
-
-    @staticmethod
-    def _detail(claimed: ClaimedExport, row: Export) -> dict[str, Any]:
-        return {
-            "export_id": claimed.id,
-            "result_id": claimed.result_id,
-            "destination": claimed.destination,
-            "attempt": row.attempts,
-        }
 
     @staticmethod
     def _clear_lease(row: Export, now: datetime) -> None:
         row.lease_owner = None
         row.lease_expires_at = None
         row.updated_at = now
-
-    @staticmethod
-    def _owned(session: Session, claimed: ClaimedExport) -> Export | None:
-        query = select(Export).where(Export.id == claimed.id)
-        if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update()
-        row = session.scalars(query).first()
-        if row is None or row.state != "sending" or row.lease_owner != claimed.owner:
-            log.warning(
-                "export %d: lease lost by %s; its outcome is discarded", claimed.id, claimed.owner
-            )
-            return None
-        return row

@@ -9,7 +9,8 @@ Claiming works on both backends: on PostgreSQL many workers (on many hosts) use
 ``FOR UPDATE SKIP LOCKED``; on SQLite the ``BEGIN IMMEDIATE`` write lock serialises claimers.
 A running job holds a lease its worker renews; a crashed worker's lease runs out and the job is
 claimed again. Every completion is fenced by (job id, lease owner), so a worker that lost its
-lease cannot overwrite the work of the one that took over.
+lease cannot overwrite the work of the one that took over. Those three steps (claim, renew,
+fence) are :class:`~fvlm_pacs.jobs.claims.LeasedTable`, shared with the export queue.
 
 Work that must follow a stored result (its export rows, :mod:`fvlm_pacs.export.queue`) is added
 by the ``on_result`` hook inside :meth:`JobQueue.succeed`'s transaction: both commit or neither.
@@ -23,16 +24,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from fvlm_pacs.db import Job, Result, audit, skip_locked, utcnow
-from fvlm_pacs.errors import FvlmPacsError
+from fvlm_pacs.db import Job, Result, audit, utcnow
+from fvlm_pacs.jobs.claims import LeasedTable, error_text, is_retryable
 
 log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "succeeded", "failed", "dead", "superseded")
 _RETRIABLE_BY_USER = ("failed", "dead", "superseded")
+_LEASES = LeasedTable(Job, waiting="queued", active="running", what="job")
 
 #: Called inside :meth:`JobQueue.succeed`'s transaction with the new (flushed) result, so work
 #: that must follow a result (its export rows) is committed with it or not at all.
@@ -85,18 +87,7 @@ class JobQueue:
         for _ in range(100):  # bounded: each pass either claims or dead-letters one job
             now = self.clock()
             with self.sessions.begin() as session:
-                query = (
-                    select(Job)
-                    .where(
-                        or_(
-                            and_(Job.state == "queued", Job.next_attempt_at <= now),
-                            and_(Job.state == "running", Job.lease_expires_at < now),
-                        )
-                    )
-                    .order_by(Job.next_attempt_at, Job.id)
-                    .limit(1)
-                )
-                job = session.scalars(skip_locked(session, query)).first()
+                job = _LEASES.next_due(session, now)
                 if job is None:
                     return None
                 if job.state == "running":
@@ -132,18 +123,13 @@ class JobQueue:
     def renew(self, job: ClaimedJob) -> bool:
         """Extend the lease; False if it was lost (the job belongs to someone else now)."""
         with self.sessions.begin() as session:
-            res = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.state == "running", Job.lease_owner == job.owner)
-                .values(lease_expires_at=self.clock() + self.lease)
-            )
-            return bool(res.rowcount)  # type: ignore[attr-defined]
+            return _LEASES.renew(session, job.id, job.owner, self.clock() + self.lease)
 
     def succeed(self, job: ClaimedJob, payload: dict[str, Any]) -> int | None:
         """Mark done and store the result; returns the result id, or None if fenced out."""
         now = self.clock()
         with self.sessions.begin() as session:
-            row = self._owned(session, job)
+            row = _LEASES.owned(session, job.id, job.owner)
             if row is None:
                 return None
             previous = session.scalars(
@@ -180,11 +166,10 @@ class JobQueue:
     def fail(self, job: ClaimedJob, error: BaseException) -> str | None:
         """Record a failed attempt; returns the new state (queued/failed/dead) or None if fenced."""
         now = self.clock()
-        # Our own errors say whether a retry can help; anything unexpected is given the benefit.
-        retryable = error.retryable if isinstance(error, FvlmPacsError) else True
-        message = f"{type(error).__name__}: {error}"[:4000]
+        retryable = is_retryable(error)
+        message = error_text(error)
         with self.sessions.begin() as session:
-            row = self._owned(session, job)
+            row = _LEASES.owned(session, job.id, job.owner)
             if row is None:
                 return None
             row.last_error = message
@@ -217,7 +202,7 @@ class JobQueue:
     def release(self, job: ClaimedJob) -> bool:
         """Give a running job back without counting the attempt (clean shutdown)."""
         with self.sessions.begin() as session:
-            row = self._owned(session, job)
+            row = _LEASES.owned(session, job.id, job.owner)
             if row is None:
                 return False
             row.state = "queued"
@@ -258,17 +243,6 @@ class JobQueue:
         counts = dict.fromkeys(STATES, 0)
         counts.update({state: int(n) for state, n in rows})
         return counts
-
-    @staticmethod
-    def _owned(session: Session, job: ClaimedJob) -> Job | None:
-        query = select(Job).where(Job.id == job.id)
-        if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update()
-        row = session.scalars(query).first()
-        if row is None or row.state != "running" or row.lease_owner != job.owner:
-            log.warning("job %d: lease lost by %s; its outcome is discarded", job.id, job.owner)
-            return None
-        return row
 
     @staticmethod
     def _finish(session: Session, job: Job, state: str, now: datetime) -> None:

@@ -176,10 +176,12 @@ def config_for_official(
 
 
 # -- strict loading --------------------------------------------------------------------------
-def load_state_strict(model: FvlmModel, state: Mapping[str, torch.Tensor]) -> None:
-    """Load ``state`` into ``model``: residue keys dropped, anything else must match exactly."""
-    expected = model.state_dict()
-    given = {k: v for k, v in state.items() if k not in IGNORED_RESIDUE}
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def _fit_problems(expected: Shapes, given: Shapes) -> list[str]:
+    """Why a checkpoint's keys and shapes (``given``) do not fit a model's (``expected``):
+    missing keys, unexpected keys, shape mismatches; empty when they fit exactly."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     problems = []
@@ -188,12 +190,22 @@ def load_state_strict(model: FvlmModel, state: Mapping[str, torch.Tensor]) -> No
     if unexpected:
         problems.append(f"unexpected keys: {unexpected}")
     shapes = [
-        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{k}: checkpoint {given[k]} vs model {expected[k]}"
         for k in sorted(set(expected) & set(given))
-        if tuple(given[k].shape) != tuple(expected[k].shape)
+        if given[k] != expected[k]
     ]
     if shapes:
         problems.append(f"shape mismatches: {shapes}")
+    return problems
+
+
+def load_state_strict(model: FvlmModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model``: residue keys dropped, anything else must match exactly."""
+    given = {k: v for k, v in state.items() if k not in IGNORED_RESIDUE}
+    problems = _fit_problems(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: tuple(v.shape) for k, v in given.items()},
+    )
     if problems:
         raise CheckpointError("checkpoint does not fit the model; " + "; ".join(problems))
     model.load_state_dict(given, strict=True)
@@ -229,20 +241,7 @@ def load_safetensors_strict(model: FvlmModel, weights: str | Path) -> int:
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as fh:
             given = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
-            missing = sorted(set(expected) - set(given))
-            unexpected = sorted(set(given) - set(expected))
-            problems = []
-            if missing:
-                problems.append(f"missing keys: {missing}")
-            if unexpected:
-                problems.append(f"unexpected keys: {unexpected}")
-            shapes = [
-                f"{k}: checkpoint {given[k]} vs model {expected[k]}"
-                for k in sorted(set(expected) & set(given))
-                if given[k] != expected[k]
-            ]
-            if shapes:
-                problems.append(f"shape mismatches: {shapes}")
+            problems = _fit_problems(expected, given)
             if problems:
                 raise CheckpointError(f"{weights} does not fit the model; " + "; ".join(problems))
             with torch.no_grad():

@@ -7,11 +7,14 @@ NaN and never inside a qualitative container, references to the SEG segment of t
 evidence listing every referenced instance. Peers fail exactly there (PACS.md, pain point 4).
 
 Each check has a stable name (``sr.completion_flag``, ``seg.frame_of_reference_matches_source``…)
-and reports what is wrong in words; :data:`CHECKS` lists them all. Checks that compare with other
-objects (the CT series, the SEG an SR references) use a :class:`Context`; given less context they
-check what the object alone can show. The writers run every check (and ``dciodvfy``) before an
-object is returned to the pipeline: any error raises :class:`~fvlm_pacs.errors.OutputError`, so an
-invalid object is never exported. ``fvlm-pacs validate FILE...`` runs the same checks on files.
+and reports what is wrong in words; :data:`CHECKS` lists them all. A rule every object we write
+must keep (same study, patient copied, equipment, AI series description) is one function
+registered once per kind, so a report still names the object that broke it (``seg.equipment``).
+Checks that compare with other objects (the CT series, the SEG an SR references) use a
+:class:`Context`; given less context they check what the object alone can show. The writers
+run every check (and ``dciodvfy``) before an object is returned to the pipeline: any error raises
+:class:`~fvlm_pacs.errors.OutputError`, so an invalid object is never exported.
+``fvlm-pacs validate FILE...`` runs the same checks on files.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import pydicom
 from pydicom.datadict import keyword_dict
@@ -41,6 +44,7 @@ SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 Severity = Literal["error", "warning"]
 Kind = Literal["sr", "seg", "sc"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,25 @@ class Check:
 
 
 CHECKS: list[Check] = []
-"""Every check, in the order they run (per kind: SR, SEG, SC)."""
+"""Every check, in the order they run: those of every kind first, then SR, SEG and SC's own."""
 
 
 def _check(kind: Kind, name: str, what: str) -> Callable[[CheckFn], CheckFn]:
+    """Register a check of one kind under its full name (``sr.completion_flag``)."""
+
     def register(fn: CheckFn) -> CheckFn:
         CHECKS.append(Check(name=name, kind=kind, what=what, run=fn))
+        return fn
+
+    return register
+
+
+def _check_every_kind(name: str, what: str) -> Callable[[CheckFn], CheckFn]:
+    """Register one rule for every kind, named per kind (``sr.equipment``, ``seg.equipment``,
+    ``sc.equipment``) so that a report says which object broke it."""
+
+    def register(fn: CheckFn) -> CheckFn:
+        CHECKS.extend(Check(name=f"{k}.{name}", kind=k, what=what, run=fn) for k in KINDS)
         return fn
 
     return register
@@ -236,6 +253,41 @@ _PATIENT_STUDY = (
 )
 
 
+def _uid_from_source(ds: Dataset, ctx: Context, keyword: str) -> Iterator[str]:
+    """``keyword`` holds a valid UID and, given the source CT, the source's own."""
+    uid = str(ds.get(keyword, "") or "")
+    if not _is_uid(uid):
+        yield f"{keyword} is missing or not a UID"
+    for src in ctx.sources[:1]:
+        if uid != str(src.get(keyword, "") or ""):
+            yield f"{keyword} differs from the source series"
+
+
+def _own_series(ds: Dataset, others: set[str]) -> Iterator[str]:
+    """A valid Series Instance UID of its own, none of ``others`` (what the object references):
+    an output added to a source series would change what a viewer shows as the original."""
+    series = str(ds.get("SeriesInstanceUID", ""))
+    if not _is_uid(series):
+        yield "SeriesInstanceUID is missing or not a UID"
+    if series in others:
+        yield "SeriesInstanceUID is the series of an object it references"
+
+
+def _source_series(ctx: Context) -> set[str]:
+    return {str(s.get("SeriesInstanceUID", "")) for s in ctx.sources}
+
+
+# -- checks of every kind -----------------------------------------------------------------------
+@_check_every_kind("same_study", "in the source study")
+def _same_study(ds: Dataset, ctx: Context) -> Iterator[str]:
+    yield from _uid_from_source(ds, ctx, "StudyInstanceUID")
+    study = str(ds.get("StudyInstanceUID", ""))
+    for item in ds.get("CurrentRequestedProcedureEvidenceSequence", []):  # an SR's evidence
+        if str(item.get("StudyInstanceUID", "")) != study:
+            yield "Current Requested Procedure Evidence names another study"
+
+
+@_check_every_kind("patient_copied", "patient and study attributes copied from the source")
 def _patient_study_copied(ds: Dataset, ctx: Context) -> Iterator[str]:
     if not ctx.sources:
         if "PatientID" not in ds:
@@ -247,28 +299,17 @@ def _patient_study_copied(ds: Dataset, ctx: Context) -> Iterator[str]:
             yield f"{keyword} differs from the source series"
 
 
-def _same_study(ds: Dataset, ctx: Context) -> Iterator[str]:
-    study = str(ds.get("StudyInstanceUID", ""))
-    if not _is_uid(study):
-        yield "StudyInstanceUID is missing or not a UID"
-    for src in ctx.sources[:1]:
-        if study != str(src.get("StudyInstanceUID", "")):
-            yield "StudyInstanceUID is not the source study's"
-
-
+@_check_every_kind("equipment", "Manufacturer, Manufacturer's Model Name, Software Versions")
 def _equipment(ds: Dataset, ctx: Context) -> Iterator[str]:
     for keyword in ("Manufacturer", "ManufacturerModelName", "SoftwareVersions"):
         if not ds.get(keyword):
             yield f"{keyword} is missing or empty (equipment must name the product and version)"
 
 
+@_check_every_kind("series_description_ai", "Series Description says AI-generated")
 def _ai_description(ds: Dataset, ctx: Context) -> Iterator[str]:
     if AI_MARK.lower() not in str(ds.get("SeriesDescription", "") or "").lower():
         yield f"SeriesDescription does not say the series is {AI_MARK}"
-
-
-def _source_series(ctx: Context) -> set[str]:
-    return {str(s.get("SeriesInstanceUID", "")) for s in ctx.sources}
 
 
 # -- SR checks ----------------------------------------------------------------------------------
@@ -338,40 +379,12 @@ def _sr_evidence(ds: Dataset, ctx: Context) -> Iterator[str]:
         yield f"{len(missing)} referenced instance(s) not in the evidence, e.g. {missing[0]}"
 
 
-@_check("sr", "sr.same_study", "in the source study")
-def _sr_same_study(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _same_study(ds, ctx)
-    study = str(ds.get("StudyInstanceUID", ""))
-    for item in ds.get("CurrentRequestedProcedureEvidenceSequence", []):
-        if str(item.get("StudyInstanceUID", "")) != study:
-            yield "Current Requested Procedure Evidence names another study"
-
-
 @_check("sr", "sr.new_series", "its own series, not the source's or the SEG's")
 def _sr_new_series(ds: Dataset, ctx: Context) -> Iterator[str]:
-    series = str(ds.get("SeriesInstanceUID", ""))
-    if not _is_uid(series):
-        yield "SeriesInstanceUID is missing or not a UID"
     others = {s for s, _ in _evidence_uids(ds).values()} | _source_series(ctx)
     if ctx.seg is not None:
         others.add(str(ctx.seg.get("SeriesInstanceUID", "")))
-    if series in others:
-        yield "SeriesInstanceUID is the series of a referenced object"
-
-
-@_check("sr", "sr.patient_copied", "patient and study attributes copied from the source")
-def _sr_patient(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _patient_study_copied(ds, ctx)
-
-
-@_check("sr", "sr.equipment", "Manufacturer, Manufacturer's Model Name, Software Versions")
-def _sr_equipment(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _equipment(ds, ctx)
-
-
-@_check("sr", "sr.series_description_ai", "Series Description says AI-generated")
-def _sr_description(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _ai_description(ds, ctx)
+    yield from _own_series(ds, others)
 
 
 @_check("sr", "sr.language", "Language of Content Item and Descendants")
@@ -670,36 +683,17 @@ def _seg_type(ds: Dataset, ctx: Context) -> Iterator[str]:
         yield f"SegmentationType is {ds.get('SegmentationType', '(missing)')!r}"
 
 
-@_check("seg", "seg.same_study", "in the source study")
-def _seg_same_study(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _same_study(ds, ctx)
-
-
-@_check("seg", "seg.patient_copied", "patient and study attributes copied from the source")
-def _seg_patient(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _patient_study_copied(ds, ctx)
-
-
 @_check("seg", "seg.frame_of_reference_matches_source", "Frame of Reference of the source CT")
 def _seg_for(ds: Dataset, ctx: Context) -> Iterator[str]:
-    uid = str(ds.get("FrameOfReferenceUID", "") or "")
-    if not _is_uid(uid):
-        yield "FrameOfReferenceUID is missing or not a UID"
-    for src in ctx.sources[:1]:
-        if uid != str(src.get("FrameOfReferenceUID", "")):
-            yield "FrameOfReferenceUID is not the source series'"
+    yield from _uid_from_source(ds, ctx, "FrameOfReferenceUID")
 
 
 @_check("seg", "seg.new_series", "its own series, not the source's")
 def _seg_new_series(ds: Dataset, ctx: Context) -> Iterator[str]:
-    series = str(ds.get("SeriesInstanceUID", ""))
-    if not _is_uid(series):
-        yield "SeriesInstanceUID is missing or not a UID"
     referenced = {
         str(s.get("SeriesInstanceUID", "")) for s in ds.get("ReferencedSeriesSequence", [])
     }
-    if series in referenced | _source_series(ctx):
-        yield "SeriesInstanceUID is the source series"
+    yield from _own_series(ds, referenced | _source_series(ctx))
 
 
 def _frame_sources(ds: Dataset) -> Iterator[tuple[int, list[str]]]:
@@ -790,16 +784,6 @@ def _seg_labels(ds: Dataset, ctx: Context) -> Iterator[str]:
         yield "two segments share a SegmentLabel"
 
 
-@_check("seg", "seg.equipment", "Manufacturer, Manufacturer's Model Name, Software Versions")
-def _seg_equipment(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _equipment(ds, ctx)
-
-
-@_check("seg", "seg.series_description_ai", "Series Description says AI-generated")
-def _seg_description(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _ai_description(ds, ctx)
-
-
 # -- SC checks ----------------------------------------------------------------------------------
 @_check("sc", "sc.sop_class", "Secondary Capture Image storage")
 def _sc_sop_class(ds: Dataset, ctx: Context) -> Iterator[str]:
@@ -807,23 +791,9 @@ def _sc_sop_class(ds: Dataset, ctx: Context) -> Iterator[str]:
         yield f"SOPClassUID {ds.get('SOPClassUID', '(none)')} is not Secondary Capture"
 
 
-@_check("sc", "sc.same_study", "in the source study")
-def _sc_same_study(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _same_study(ds, ctx)
-
-
-@_check("sc", "sc.patient_copied", "patient and study attributes copied from the source")
-def _sc_patient(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _patient_study_copied(ds, ctx)
-
-
 @_check("sc", "sc.new_series", "its own series, not the source's")
 def _sc_new_series(ds: Dataset, ctx: Context) -> Iterator[str]:
-    series = str(ds.get("SeriesInstanceUID", ""))
-    if not _is_uid(series):
-        yield "SeriesInstanceUID is missing or not a UID"
-    if series in _source_series(ctx):
-        yield "SeriesInstanceUID is the source series"
+    yield from _own_series(ds, _source_series(ctx))
 
 
 @_check("sc", "sc.source_images", "Source Image Sequence names the CT slices shown")
@@ -840,16 +810,6 @@ def _sc_sources(ds: Dataset, ctx: Context) -> Iterator[str]:
 def _sc_burned_in(ds: Dataset, ctx: Context) -> Iterator[str]:
     if ds.get("BurnedInAnnotation") not in ("YES", "NO"):
         yield "BurnedInAnnotation is missing (text is drawn into the pixels)"
-
-
-@_check("sc", "sc.equipment", "Manufacturer, Manufacturer's Model Name, Software Versions")
-def _sc_equipment(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _equipment(ds, ctx)
-
-
-@_check("sc", "sc.series_description_ai", "Series Description says AI-generated")
-def _sc_description(ds: Dataset, ctx: Context) -> Iterator[str]:
-    yield from _ai_description(ds, ctx)
 
 
 # -- running ------------------------------------------------------------------------------------
