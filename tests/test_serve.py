@@ -130,29 +130,37 @@ def test_two_postgres_workers_never_run_the_same_job(tmp_path: Path, postgres_ur
         series = ct_series(SeriesSpec(n_slices=20, rows=32, columns=32))
         for ds in series:
             parts.intake.receive(encode(ds), source="dimse")
-    created = CompletionSweep(
-        parts.sessions,
-        stable_seconds=1,
-        pipeline_version=STAGES_VERSION,
-        max_attempts=3,
-        clock=lambda: utcnow() + timedelta(seconds=5),
-    ).sweep()
-    assert len(created) == 16
     config = tmp_path / "worker.yaml"
     config.write_text(
         yaml.safe_dump(
             {"data_dir": str(tmp_path / "data"), "database_url": postgres_url, "workers": 2}
         )
     )
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "fvlm_pacs.cli", "worker", "--config", str(config)],
             stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / f"worker{i}.log").open("wb"),
+            stderr=log.open("wb"),
         )
-        for i in range(2)
+        for log in logs
     ]
     try:
+        # Jobs become due only once both processes poll: on a loaded machine one process can
+        # import torch seconds after the other and would otherwise find the queue empty.
+        wait_until(
+            lambda: all("worker pool" in log.read_text(errors="replace") for log in logs),
+            timeout=120,
+            interval=0.2,
+        )
+        created = CompletionSweep(
+            parts.sessions,
+            stable_seconds=1,
+            pipeline_version=STAGES_VERSION,
+            max_attempts=3,
+            clock=lambda: utcnow() + timedelta(seconds=5),
+        ).sweep()
+        assert len(created) == 16
 
         def all_done() -> bool:
             with parts.sessions() as s:
