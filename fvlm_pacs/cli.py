@@ -143,15 +143,15 @@ def parser() -> argparse.ArgumentParser:
     demo = model_sub.add_parser(
         "build-demo", help="make the shipped demo model: phantoms, training, calibration, card"
     )
-    demo.add_argument("--cases", type=int, default=120, help="synthetic phantoms (all splits)")
-    demo.add_argument("--steps", type=int, default=300, help="training steps")
+    # defaults: DemoRecipe's, so the shipped model card's rebuild line and this command agree
+    demo.add_argument("--cases", type=int, help="synthetic phantoms (all splits)")
+    demo.add_argument("--steps", type=int, help="training steps")
     demo.add_argument(
         "--seg-steps",
         type=int,
-        default=600,
         help="training steps of the builtin segmentation network (0: ship none)",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int)
     demo.add_argument("--work", type=Path, default=Path("fvlm-demo-build"), help="scratch folder")
     demo.add_argument("--out", type=Path, help="default: the package's models/demo folder")
     return p
@@ -242,9 +242,8 @@ def _build_demo(args: argparse.Namespace) -> int:
     """Rebuild the shipped demo model (minutes on a CPU) and print its measured mean AUC."""
     from fvlm_pacs.model.demo_build import EVAL_FILE, DemoRecipe, build_demo
 
-    recipe = DemoRecipe(
-        cases=args.cases, steps=args.steps, seg_steps=args.seg_steps, seed=args.seed
-    )
+    given = {k: getattr(args, k) for k in ("cases", "steps", "seg_steps", "seed")}
+    recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
     try:
         out = build_demo(recipe, args.work, args.out)
     except (FvlmPacsError, OSError) as exc:

@@ -48,7 +48,7 @@ class DemoRecipe:
     (0: no network is shipped).
     """
 
-    cases: int = 120
+    cases: int = 160
     seed: int = 0
     steps: int = 600
     batch_size: int = 8
