@@ -1,0 +1,94 @@
+"""The demo models shipped in the package: present, small, self-consistent, loadable by name.
+
+`--model demo` is what the README's first command runs, so a missing file, thresholds calibrated
+for other weights or a card that lost its caveat must fail here, not in front of a newcomer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fvlm_pacs.codes import load_anatomies
+from fvlm_pacs.model.checkpoint import demo_model_dir, read_meta, resolve_model_path, sha256_file
+from fvlm_pacs.model.predictor import Predictor
+from fvlm_pacs.segmentation import make_provider
+
+DEMO = demo_model_dir()
+SIZE_LIMIT = 30 * 1024 * 1024  # the issue's budget for both demo networks together
+
+
+def test_the_name_demo_resolves_to_the_shipped_folder() -> None:
+    assert resolve_model_path("demo") == DEMO
+    assert resolve_model_path("./demo") == Path("./demo")  # a real folder called demo
+
+
+def test_files_are_complete_small_and_packaged() -> None:
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "thresholds.json",
+        "prompt_bank.safetensors",
+        "MODEL_CARD.md",
+        "eval.json",
+        "segmentation/config.json",
+    ):
+        assert (DEMO / name).is_file(), name
+    files = [p for p in DEMO.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= SIZE_LIMIT
+    # every shipped file is matched by setup.py's package_data patterns
+    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text(encoding="utf-8")
+    patterns = re.findall(r'"(models/demo[^"]*)"', setup)
+    for path in files:
+        rel = path.relative_to(DEMO.parent.parent).as_posix()
+        assert any(Path(rel).match(p) for p in patterns), f"{rel} is not in package_data"
+
+
+def test_weights_card_and_thresholds_agree() -> None:
+    meta = read_meta(DEMO)
+    assert meta["sha256"] == sha256_file(DEMO / "model.safetensors")
+    thresholds = json.loads((DEMO / "thresholds.json").read_text(encoding="utf-8"))
+    assert thresholds["model_sha256"] == meta["sha256"]  # calibrated for exactly these weights
+    card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
+    mean = json.loads((DEMO / "eval.json").read_text(encoding="utf-8"))["mean_auc"]
+    caveat = next(line for line in card.splitlines() if line.startswith("caveat:"))
+    assert "NOT for clinical use" in caveat and f"{mean:.3f}" in caveat
+
+
+def test_predictor_loads_by_name_without_the_text_tower() -> None:
+    predictor = Predictor("demo", device="cpu")
+    assert predictor.info.name == "fvlm-demo"
+    assert predictor.model.text_encoder is None  # the shipped prompt bank is warm
+    assert len(predictor.findings) == 16
+
+
+@pytest.mark.parametrize("profile", ["ct-rate"])
+def test_builtin_segmentation_network_loads_from_the_package(profile: str) -> None:
+    provider = make_provider("builtin", load_anatomies(profile))
+    assert provider.name == "builtin"
+
+
+def test_build_demo_command_uses_the_recipe_defaults(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from fvlm_pacs.cli import main
+    from fvlm_pacs.model import demo_build
+
+    seen: list[demo_build.DemoRecipe] = []
+
+    def fake_build(recipe: demo_build.DemoRecipe, work: Path, out: Path | None) -> Path:
+        seen.append(recipe)
+        (tmp_path / demo_build.EVAL_FILE).write_text('{"mean_auc": 0.5}', encoding="utf-8")
+        return tmp_path
+
+    monkeypatch.setattr(demo_build, "build_demo", fake_build)
+    assert main(["model", "build-demo", "--work", str(tmp_path / "w")]) == 0
+    assert main(["model", "build-demo", "--steps", "7", "--work", str(tmp_path / "w")]) == 0
+    assert seen[0] == demo_build.DemoRecipe()
+    assert seen[1] == demo_build.DemoRecipe(steps=7)
+    # the shipped card's rebuild line names the recipe the shipped model was built with
+    card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "fvlm-pacs model build-demo" in card
