@@ -275,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0.01,
         help="lr factor of the ViT patch convolution, every variant (see train.param_groups)",
     )
+    ap.add_argument(
+        "--normal-wording",
+        choices=["template", "report"],
+        default="template",
+        help="normal anatomies' training text: the template (FVLM.md) or the report's own words "
+        "(what lets fvlm-no-correction differ from fvlm)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fvlm_synth_zs")
     ap.add_argument(
@@ -343,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch,
             lr=args.lr,
             patch_lr_scale=args.patch_lr_scale,
+            normal_wording=args.normal_wording,
             min_lr=min(1e-6, args.lr),
             warmup_steps=max(1, args.steps // 10),
             seed=args.seed,

@@ -68,6 +68,31 @@ def test_items_shapes_range_and_texts(synth: Path) -> None:
     assert batch["image"].shape == (2, 1, 32, 64, 64) and len(batch["texts"]) == 2
 
 
+def test_normal_wording_report_keeps_the_reports_own_sentences(synth: Path) -> None:
+    template = ManifestDataset(synth, crop=(32, 64, 64), seed=1)
+    own = ManifestDataset(synth, crop=(32, 64, 64), seed=1, normal_wording="report")
+    dec = RuleBasedDecomposer()
+    rows = list(csv.DictReader(synth.open(encoding="utf-8")))
+    varied = 0
+    for i in range(len(own)):
+        a, b = template.texts(i), own.texts(i)
+        assert a.normal == b.normal  # only the wording changes, never the labels
+        parts = dec.decompose(*split_report((synth.parent / rows[i]["report"]).read_text()))
+        for k, name in enumerate(own.anatomies):
+            if not parts[name].normal:
+                assert b.texts[k] == a.texts[k]
+            elif parts[name].sentences:
+                assert b.texts[k] == " ".join(parts[name].sentences) != normal_text(name)
+                varied += 1
+            else:
+                assert b.texts[k] == normal_text(name)
+    assert varied > 0  # the phantoms' reports do mention normal anatomies in their own words
+    with pytest.raises(ValueError, match="normal_wording"):
+        ManifestDataset(synth, normal_wording="free")
+    with pytest.raises(ConfigError, match="normal_wording"):
+        TrainConfig(manifest=Path("m.csv"), out_dir=Path("o"), normal_wording="free")
+
+
 def test_flips_apply_to_image_and_labels_together(small: Path, tmp_path: Path) -> None:
     plain = ManifestDataset(small, crop=(32, 64, 64), seed=3, flip_p=0.0, cache_dir=tmp_path)
     flipped = ManifestDataset(small, crop=(32, 64, 64), seed=3, flip_p=1.0, cache_dir=tmp_path)

@@ -401,6 +401,10 @@ class _Memo:
     texts: dict[int, _Texts] = field(default_factory=dict)
 
 
+NORMAL_WORDINGS = ("template", "report")
+"""What a normal anatomy's training text is; see :class:`ManifestDataset`."""
+
+
 class ManifestDataset(Dataset[dict[str, Any]]):
     """fVLM training samples from a manifest (see the module docstring for the item layout).
 
@@ -408,6 +412,12 @@ class ManifestDataset(Dataset[dict[str, Any]]):
     ``anatomies`` name label 1..K in order (default the CT-RATE four); ``decomposer`` splits
     reports into anatomy texts (default :class:`~fvlm_pacs.reports.RuleBasedDecomposer`).
     ``resample=False`` keeps the native voxel spacing (cheap demos; see the module docstring).
+    ``normal_wording``: ``template`` (FVLM.md) gives every normal anatomy the normal template;
+    ``report`` keeps the report's own sentences about a normal anatomy where it has any ("The
+    lungs are clear.") and the template only where the report is silent. With one template for
+    all normals the normal-sample correction changes neither the loss nor its gradient (all
+    normal texts share one embedding), so ``report`` is what lets an ablation measure it.
+    Anatomy-wise descriptions given by the dataset (CT-RATE layout) are used as they are.
     """
 
     def __init__(
@@ -425,7 +435,13 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         resample: bool = True,
         masks_dir: str | Path | None = None,
         descriptions_json: str | Path | None = None,
+        normal_wording: str = "template",
     ) -> None:
+        if normal_wording not in NORMAL_WORDINGS:
+            raise ValueError(
+                f"normal_wording: must be one of {NORMAL_WORDINGS}, got {normal_wording!r}"
+            )
+        self.normal_wording = normal_wording
         if layout not in LAYOUTS:
             raise ValueError(f"layout: must be one of {LAYOUTS}, got {layout!r}")
         if len(crop) != 3 or min(crop) <= 0:
@@ -484,7 +500,8 @@ class ManifestDataset(Dataset[dict[str, Any]]):
             parts = self.decomposer.decompose(rec.findings_text, rec.impression_text)
             for a in self.anatomies:
                 part = parts[a]
-                texts.append(part.text)
+                own_words = self.normal_wording == "report" and part.normal and part.sentences
+                texts.append(" ".join(part.sentences) if own_words else part.text)
                 normal.append(part.normal)
         memo = _Texts(tuple(texts), tuple(normal), report)
         self._memo.texts[index] = memo

@@ -70,7 +70,7 @@ from ..errors import ConfigError
 from ..reports import normal_text
 from .checkpoint import load_model, save_model
 from .config import ModelConfig, TextConfig, tiny, vit_b
-from .dataset import LAYOUTS, ManifestDataset, collate
+from .dataset import LAYOUTS, NORMAL_WORDINGS, ManifestDataset, collate
 from .fvlm import FvlmModel
 from .losses import clip_image_embedding, clip_loss, fvlm_loss, gather_objects, gather_with_grad
 from .text import load_tokenizer, text_config_from_dir
@@ -120,6 +120,7 @@ class TrainConfig:
     version: str = "1"
     coteach_alpha: float = 0.5
     patch_lr_scale: float = 1.0
+    normal_wording: str = "template"
 
     def __post_init__(self) -> None:
         for key in ("manifest", "out_dir", "text_dir", "init_from", "cache_dir"):
@@ -141,6 +142,10 @@ class TrainConfig:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
         if self.warmup_steps < 0 or self.num_workers < 0:
             raise ConfigError("warmup_steps and num_workers must be >= 0")
+        if self.normal_wording not in NORMAL_WORDINGS:
+            raise ConfigError(
+                f"normal_wording: must be one of {NORMAL_WORDINGS}, got {self.normal_wording!r}"
+            )
         if not 0.0 < self.patch_lr_scale <= 1.0:
             raise ConfigError(f"patch_lr_scale: must be in (0, 1], got {self.patch_lr_scale}")
         if not 0.0 <= self.coteach_alpha <= 1.0:
@@ -420,6 +425,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
         cache_dir=cfg.cache_dir,
         flip_p=cfg.flip_p,
         resample=cfg.resample,
+        normal_wording=cfg.normal_wording,
     )
     if len(dataset) == 0:
         raise ConfigError(f"manifest: {cfg.manifest} lists no usable case")
