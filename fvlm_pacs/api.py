@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from fvlm_pacs import __version__
 from fvlm_pacs.config import Settings
@@ -42,7 +43,7 @@ class AppContext:
     intake: Intake
     queue: JobQueue
     metrics: Metrics
-    exports: ExportQueue | None = None  # None: the export endpoints build one from settings
+    exports: ExportQueue
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -178,7 +179,7 @@ PAGE_HEADERS = {
 def create_app(ctx: AppContext) -> FastAPI:
     app = FastAPI(title="fvlm_pacs", version=__version__)
     app.state.api_tokens = [t.get_secret_value().encode() for t in ctx.settings.api_tokens]
-    exports = ctx.exports or ExportQueue.from_settings(ctx.sessions, ctx.settings)
+    exports = ctx.exports
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -417,15 +418,20 @@ def create_app(ctx: AppContext) -> FastAPI:
         except StowRequestError as exc:
             return JSONResponse({"error": str(exc)}, exc.status)
         if outcome.studies:
-            with ctx.sessions.begin() as session:
-                for uid, n in outcome.studies.items():
-                    audit(
-                        session,
-                        "instances_received",
-                        actor=f"stow:{actor}",
-                        study_instance_uid=uid,
-                        detail={"instances": n, "peer": peer},
-                    )
+
+            def record() -> None:
+                with ctx.sessions.begin() as session:
+                    for uid, n in outcome.studies.items():
+                        audit(
+                            session,
+                            "instances_received",
+                            actor=f"stow:{actor}",
+                            study_instance_uid=uid,
+                            detail={"instances": n, "peer": peer},
+                        )
+
+            # a database write may wait on SQLite's lock: never on the event loop
+            await run_in_threadpool(record)
         base = str(request.base_url).rstrip("/") + "/dicomweb"
         headers = {}
         if outcome.failed:

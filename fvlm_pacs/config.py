@@ -242,6 +242,11 @@ class Settings(BaseSettings):
         return self.data_dir / "spool"
 
     @property
+    def outputs_dir(self) -> Path:
+        """Where jobs write SR/SEG/summary; result payloads hold paths relative to it."""
+        return self.data_dir / "outputs"
+
+    @property
     def resolved_sweep_interval(self) -> float:
         if self.sweep_interval_seconds:
             return self.sweep_interval_seconds

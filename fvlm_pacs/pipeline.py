@@ -126,7 +126,7 @@ def run_stages(
             stages.anatomy_table or anatomy_table_for(stages.predictor.anatomies),
             stages.predictor.findings,
             out_dir,
-            outputs_root=outputs_root or out_dir,
+            outputs_root=outputs_root,
             predecessor=predecessor,
             installation=installation,
         )

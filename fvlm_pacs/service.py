@@ -136,7 +136,7 @@ def build(settings: Settings) -> Parts:
             sessions=sessions,
             spool=spool,
             stages=stages,
-            outputs_root=settings.data_dir / "outputs",  # export reads output paths from here
+            outputs_root=settings.outputs_dir,
             installation=settings.ae_title,
         ),
         exports=exports,

@@ -83,11 +83,8 @@ def load_worklist(
         .subquery()
     )
     priority = Result.payload[("triage", "priority")].as_string()
-    rank = case(
-        (priority == "critical", priority_rank("critical")),
-        (priority == "high", priority_rank("high")),
-        else_=0,
-    )
+    # ranks come from triage.PRIORITIES, so a new priority level sorts without touching this
+    rank = case(*((priority == p, priority_rank(p)) for p in PRIORITIES), else_=0)
     rows = session.execute(
         select(Study, Result)
         .outerjoin(latest, latest.c.uid == Study.study_instance_uid)

@@ -3,12 +3,11 @@ export queue and its worker.
 
 :func:`make_destination` turns one entry of the ``destinations`` setting into a
 :class:`~fvlm_pacs.export.base.Destination`. Modules are imported only for the kinds in use, so
-an optional kind's dependencies (HL7) are needed only where it is configured.
+a process loads only the senders it is configured for.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from fvlm_pacs.config import Settings
@@ -38,13 +37,7 @@ def make_destination(cfg: Any, settings: Settings) -> Destination:
 
         return FolderDestination(cfg)
     if kind == "hl7":
-        # Written separately; imported by name so this package works without it.
-        try:
-            module = importlib.import_module("fvlm_pacs.export.hl7")
-        except ImportError as exc:
-            raise ConfigError(
-                f"destinations: {cfg.name!r} is kind hl7, but HL7 export is unavailable ({exc})"
-            ) from None
-        destination: Destination = module.Hl7Destination(cfg)  # timeouts are in its cfg
-        return destination
+        from fvlm_pacs.export.hl7 import Hl7Destination
+
+        return Hl7Destination(cfg)  # its timeouts are in its own settings
     raise ConfigError(f"destinations: {getattr(cfg, 'name', '?')!r} has unknown kind {kind!r}")

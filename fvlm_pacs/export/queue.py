@@ -100,7 +100,7 @@ class ExportQueue:
         return cls(
             sessions,
             destinations=[d.name for d in settings.destinations],
-            outputs_dir=settings.data_dir / "outputs",
+            outputs_dir=settings.outputs_dir,
             max_attempts=settings.export_max_attempts,
             backoff_seconds=settings.export_backoff_seconds,
             backoff_max_seconds=settings.export_backoff_max_seconds,

@@ -87,19 +87,18 @@ class ExportWorker:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         self.leases.stop()  # releases rows still being sent (sent again later), then stops
 
-    def deliver_one(self, destination: str, owner: str | None = None) -> str | None:
+    def deliver_one(self, destination: str) -> str | None:
         """Claim and send one due row of ``destination``; returns its new state, or None if
         nothing was due (or the outcome was fenced out). The sender threads loop over this."""
-        claimed = self.queue.claim(owner or f"{self.identity}/{destination}", destination)
+        claimed = self.queue.claim(f"{self.identity}/{destination}", destination)
         if claimed is None:
             return None
         return self._deliver(claimed)
 
     def _loop(self, destination: str) -> None:
-        owner = f"{self.identity}/{destination}"
         while not self._stop.is_set():
             try:
-                state = self.deliver_one(destination, owner)
+                state = self.deliver_one(destination)
             except Exception:
                 log.exception(
                     "export worker for %s: claiming failed; retrying shortly", destination

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -116,7 +117,7 @@ def infer_vision_config(state: Mapping[str, torch.Tensor]) -> VisionConfig:
     blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{p}blocks\.(\d+)\.", k))}
     layers = max(blocks) + 1
     n_tokens = int(pos.shape[1])
-    if patch == _NOMINAL.patch_size and n_tokens == prod(_NOMINAL.grid):
+    if patch == _NOMINAL.patch_size and n_tokens == math.prod(_NOMINAL.grid):
         img_size = _NOMINAL.img_size
     else:
         raise CheckpointError(
@@ -135,13 +136,6 @@ def infer_vision_config(state: Mapping[str, torch.Tensor]) -> VisionConfig:
         qkv_bias=(p + "blocks.0.attn.qkv.bias") in state,
         level_blocks=levels,
     )
-
-
-def prod(values: tuple[int, ...]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _scaled_levels(layers: int) -> tuple[int, ...]:

@@ -64,6 +64,7 @@ from safetensors.torch import load_file, save_file
 from fvlm_pacs.codes import AnatomyTable
 from fvlm_pacs.domain import LabelMap, Volume
 from fvlm_pacs.model.checkpoint import demo_model_dir, sha256_file
+from fvlm_pacs.model.predictor import auto_device
 from fvlm_pacs.segmentation.base import SegmentationUnavailable
 
 logger = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ def load_segnet(folder: Path, device: str | torch.device | None = None) -> Loade
         net.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
     except (RuntimeError, OSError) as exc:
         raise _unavailable(folder, f"weights do not fit the network ({exc})") from None
-    dev = _device(device)
+    dev = auto_device(device)
     net.to(dev).eval()
     logger.info(
         "loaded builtin segmentation %s %s (sha256 %s) on %s",
@@ -269,12 +270,6 @@ def load_segnet(folder: Path, device: str | torch.device | None = None) -> Loade
         sha256=digest,
         device=dev,
     )
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # -- the working grid --------------------------------------------------------------------------

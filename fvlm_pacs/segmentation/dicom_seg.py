@@ -40,6 +40,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import SegmentationStorage
 
 from fvlm_pacs.codes import AnatomyTable
 from fvlm_pacs.domain import LabelMap, Volume
@@ -49,7 +50,7 @@ from fvlm_pacs.writers.equipment import MANUFACTURER as OUR_MANUFACTURER
 
 logger = logging.getLogger(__name__)
 
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SEGMENTATION_STORAGE = SegmentationStorage
 """SOP Class UID of Segmentation Storage."""
 
 _NOT_NAME = re.compile(r"[^a-z0-9]+")

@@ -32,7 +32,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import SegmentationStorage, generate_uid
 
 from fvlm_pacs.codes import Anatomy, AnatomyTable, CodedConcept
 from fvlm_pacs.domain import LabelMap, ModelInfo, Volume
@@ -48,7 +48,7 @@ from fvlm_pacs.writers.equipment import (
 
 log = logging.getLogger(__name__)
 
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SEGMENTATION_STORAGE = SegmentationStorage
 """SOP Class UID of Segmentation Storage."""
 
 PALETTE: tuple[str, ...] = (

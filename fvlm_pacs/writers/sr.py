@@ -46,7 +46,7 @@ from typing import Any
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from fvlm_pacs.codes import AnatomyTable, FindingDefinition
 from fvlm_pacs.domain import Finding, FindingStatus, InstanceRef, ModelInfo
@@ -69,7 +69,7 @@ from fvlm_pacs.writers.seg import (
 
 log = logging.getLogger(__name__)
 
-COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
+COMPREHENSIVE_3D_SR_STORAGE = Comprehensive3DSRStorage
 
 # -- codes ---------------------------------------------------------------------------------------
 # CID 240 "Present-Absent" (DICOM PS3.16, as shipped in pydicom 3: pydicom.sr._cid_dict).

@@ -20,7 +20,7 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from fvlm_pacs import __version__
 from fvlm_pacs.codes import AnatomyTable
@@ -39,7 +39,7 @@ from fvlm_pacs.writers.sr import ReportedFinding
 
 log = logging.getLogger(__name__)
 
-SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+SECONDARY_CAPTURE_IMAGE_STORAGE = SecondaryCaptureImageStorage
 
 TILE = 256
 """Longest side of one key-slice tile in pixels."""

@@ -33,6 +33,7 @@ import pydicom
 from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import SegmentationStorage
 
 from fvlm_pacs.writers.equipment import AI_MARK
 from fvlm_pacs.writers.sr import COMPREHENSIVE_3D_SR_STORAGE, STATUS_CODES
@@ -40,7 +41,7 @@ from fvlm_pacs.writers.summary import SECONDARY_CAPTURE_IMAGE_STORAGE
 
 log = logging.getLogger(__name__)
 
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SEGMENTATION_STORAGE = SegmentationStorage
 
 Severity = Literal["error", "warning"]
 Kind = Literal["sr", "seg", "sc"]
