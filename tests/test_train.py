@@ -44,7 +44,7 @@ def test_items_shapes_range_and_texts(synth: Path) -> None:
     for i in range(len(ds)):
         item = ds[i]
         assert item["image"].shape == (1, 32, 64, 64) and item["image"].dtype == torch.float32
-        assert item["labels"].shape == (32, 64, 64) and item["labels"].dtype == torch.int64
+        assert item["labels"].shape == (32, 64, 64) and item["labels"].dtype == torch.uint8
         assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
         assert set(item["labels"].unique().tolist()) <= {0, 1, 2, 3, 4}
         report = (synth.parent / rows[i]["report"]).read_text(encoding="utf-8")
