@@ -735,7 +735,9 @@ class Anatomy:
     ``label`` is its value in our anatomy label map and ``label - 1`` its index in the checkpoint
     (query token, projection head), so the order of a profile is the order of the weights.
     ``totalsegmentator`` lists the TotalSegmentator v2 ``total`` ids that make it up; ``code``
-    codes it as SEG Segmented Property Type and SR Finding Site.
+    codes it as SEG Segmented Property Type and SR Finding Site. ``segment_codes`` are finer
+    codes that an incoming SEG may use for parts of it (a lung coded per lobe, the aorta per
+    segment): a segment coded with any of them counts for this anatomy. We never write them.
     """
 
     name: str
@@ -744,6 +746,12 @@ class Anatomy:
     code: CodedConcept
     segmentation_category: CodedConcept = ANATOMICAL_STRUCTURE
     note: str = ""
+    segment_codes: tuple[CodedConcept, ...] = ()
+
+    @property
+    def matching_codes(self) -> tuple[CodedConcept, ...]:
+        """Every Segmented Property Type that counts as this anatomy: its code, then the parts."""
+        return (self.code, *self.segment_codes)
 
 
 @dataclass(frozen=True)
@@ -931,7 +939,7 @@ def _parse_code(node: Any, table: str, where: str, key_path: str) -> CodedConcep
 _ANATOMY_TOP = frozenset({"version", "segmentation_category", "profiles"})
 _PROFILE_KEYS = frozenset({"description", "anatomies"})
 _ANATOMY_KEYS = frozenset(
-    {"name", "label", "totalsegmentator", "code", "segmentation_category", "note"}
+    {"name", "label", "totalsegmentator", "code", "segmentation_category", "note", "segment_codes"}
 )
 
 
@@ -979,6 +987,7 @@ def _parse_profile(
     table = "anatomies"
     out: list[Anatomy] = []
     owner: dict[int, str] = {}  # TotalSegmentator id → anatomy that claimed it
+    code_owner: dict[tuple[str, str], str] = {}  # (value, scheme) → anatomy that claimed it
     for i, item in enumerate(items):
         kp = f"{key_path}[{i}]"
         node = _check_keys(
@@ -1018,12 +1027,29 @@ def _parse_profile(
         note = node.get("note", "")
         if not isinstance(note, str):
             raise _mfail(table, where, f"{kp}.note", "must be a string")
+        code = _parse_code(node["code"], table, where, f"{kp}.code")
+        parts = node.get("segment_codes", [])
+        if not isinstance(parts, list):
+            raise _mfail(table, where, f"{kp}.segment_codes", "must be a list of codes")
+        segment_codes = tuple(
+            _parse_code(c, table, where, f"{kp}.segment_codes[{j}]") for j, c in enumerate(parts)
+        )
+        # A SEG segment must map to one anatomy: a code may appear once in the whole profile.
+        for j, c in enumerate((code, *segment_codes)):
+            where_kp = f"{kp}.code" if j == 0 else f"{kp}.segment_codes[{j - 1}]"
+            key = (c.value, c.scheme)
+            if key in code_owner:
+                raise _mfail(
+                    table, where, where_kp, f"code {c} already counts for {code_owner[key]!r}"
+                )
+            code_owner[key] = name
         out.append(
             Anatomy(
                 name=name,
                 label=label,
                 totalsegmentator=tuple(ids),
-                code=_parse_code(node["code"], table, where, f"{kp}.code"),
+                code=code,
+                segment_codes=segment_codes,
                 segmentation_category=(
                     _parse_code(
                         node["segmentation_category"], table, where, f"{kp}.segmentation_category"
@@ -1178,12 +1204,17 @@ def check_mappings(directory: Path | None = None) -> list[str]:
     findings_path = directory / "findings.yaml"
     unverified: list[str] = []
     for pname, t in profiles.items():
-        listing = ", ".join(f"{a.label} {a.name}" for a in t.anatomies)
+        listing = ", ".join(
+            f"{a.label} {a.name}"
+            + (f" +{len(a.segment_codes)} part codes" if a.segment_codes else "")
+            for a in t.anatomies
+        )
         lines.append(f"anatomies.yaml: profile {pname}: {len(t.anatomies)} anatomies ({listing})")
         unverified += [
-            f"anatomy {pname}/{a.name} {a.code}"
+            f"anatomy {pname}/{a.name} {c}"
             for a in t.anatomies
-            if a.code.verification == "unverified"
+            for c in a.matching_codes
+            if c.verification == "unverified"
         ]
     seen: set[str] = set()
     for pname, t in profiles.items():

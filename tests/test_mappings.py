@@ -126,7 +126,7 @@ def test_abdomen_profile_scores_no_ct_rate_findings() -> None:
 def _codes_of_tables() -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for t in load_anatomy_profiles(REPO_MAPPINGS / "anatomies.yaml").values():
-        out += [(f"{t.profile}/{a.name}", a.code) for a in t.anatomies]
+        out += [(f"{t.profile}/{a.name}", c) for a in t.anatomies for c in a.matching_codes]
         out += [(f"{t.profile}/{a.name} category", a.segmentation_category) for a in t.anatomies]
         out += [
             (f"finding {f.name}", f.code) for f in load_findings(t, REPO_MAPPINGS / "findings.yaml")
@@ -261,6 +261,31 @@ ANATOMY_ERRORS = [
         "unknown verification",
         lambda d: d["profiles"]["ct-rate"]["anatomies"][0]["code"].update(verified="yes"),
         r"anatomies\[0\]\.code\.verified: must be one of ps3\.16, corroborated, unverified",
+    ),
+    (
+        "part code of another anatomy",
+        lambda d: d["profiles"]["ct-rate"]["anatomies"][1]["segment_codes"].append(
+            {"scheme": "SCT", "value": "45653009", "meaning": "Upper lobe of lung"}
+        ),
+        r"anatomies\[1\]\.segment_codes\[1\]: code \(45653009, SCT, 'Upper lobe of lung'\) "
+        r"already counts for 'lung'",
+    ),
+    (
+        "part code equal to the anatomy's own",
+        lambda d: d["profiles"]["ct-rate"]["anatomies"][2].update(
+            segment_codes=[{"scheme": "SCT", "value": "32849002", "meaning": "Esophagus"}]
+        ),
+        r"anatomies\[2\]\.segment_codes\[0\]: code .* already counts for 'esophagus'",
+    ),
+    (
+        "segment_codes not a list",
+        lambda d: d["profiles"]["ct-rate"]["anatomies"][0].update(segment_codes="lobes"),
+        r"anatomies\[0\]\.segment_codes: must be a list of codes",
+    ),
+    (
+        "bad part code",
+        lambda d: d["profiles"]["ct-rate"]["anatomies"][0]["segment_codes"][0].update(value="x"),
+        r"anatomies\[0\]\.segment_codes\[0\]\.value: SCT code must be digits only",
     ),
     (
         "missing code",
@@ -415,7 +440,10 @@ def test_check_mappings_summarises_every_table() -> None:
     lines = check_mappings(REPO_MAPPINGS)
     text = "\n".join(lines)
     assert "series_rules.yaml: 8 conditions" in text
-    assert "profile ct-rate: 4 anatomies (1 lung, 2 heart, 3 esophagus, 4 aorta)" in text
+    assert (
+        "profile ct-rate: 4 anatomies (1 lung +9 part codes, 2 heart +1 part codes, 3 esophagus, "
+        "4 aorta +5 part codes)"
+    ) in text
     assert "findings.yaml: profile ct-rate: 16 findings" in text
     assert "pulmonary_fibrotic_sequela" in text  # unverified codes are listed
 

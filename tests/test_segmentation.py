@@ -173,6 +173,31 @@ def test_segment_label_fallback(tmp_path: Path, table: AnatomyTable) -> None:
         DicomSegProvider(table, match_segment_labels=False).segment(volume, [seg])
 
 
+def test_lobe_coded_seg_unites_into_the_lung(tmp_path: Path, table: AnatomyTable) -> None:
+    """A SEG coding the lungs per lobe (codes from ``segment_codes``, side given only by a
+    laterality modifier, if at all) yields the same label map as one
+    coded "Lung"; the heart's own code still wins for the heart."""
+    datasets, volume, _ = make_study(tmp_path)
+    expected = boxes(table)
+    lung, heart = table.label_of("lung"), table.label_of("heart")
+    lobes = expected.copy()
+    lobes[(expected == lung) & (np.arange(COLS) < 25)[None, None, :]] = 11  # right lung
+    lobes[(expected == lung) & (np.arange(N) < 10)[:, None, None]] += 20  # upper parts
+    upper = hd.sr.CodedConcept("45653009", "SCT", "Upper lobe of lung")
+    lower = hd.sr.CodedConcept("90572001", "SCT", "Lower lobe of lung")
+    segs = [
+        ("Right upper lobe", upper, 31),
+        ("Right lower lobe", lower, 11),
+        ("Left upper lobe", upper, lung + 20),
+        ("Left lower lobe", lower, lung),
+        ("Heart", hd.sr.CodedConcept("80891009", "SCT", "Heart"), heart),
+    ]
+    assert set(np.unique(lobes)) == {0, heart, lung, lung + 20, 11, 31}
+    seg = write_seg(datasets, volume, lobes, segs, tmp_path / "lobes.dcm")
+    result = DicomSegProvider(table, match_segment_labels=False).segment(volume, [seg])
+    np.testing.assert_array_equal(result.array, expected)
+
+
 def test_unknown_codes_only(tmp_path: Path, table: AnatomyTable) -> None:
     datasets, volume, paths = make_study(tmp_path)
     liver = hd.sr.CodedConcept("10200004", "SCT", "Liver")

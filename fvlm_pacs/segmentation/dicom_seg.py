@@ -10,7 +10,9 @@ Which SEG, and which segments:
   CT has no Frame of Reference UID, a SEG must instead reference one of the volume's instances.
 * A segment belongs to an anatomy when its Segmented Property Type (Code Value + Coding Scheme
   Designator; Code Meaning is free text and ignored) equals the anatomy's code in
-  ``mappings/anatomies.yaml``. Several segments of one anatomy (left and right lung) are united.
+  ``mappings/anatomies.yaml`` or one of its ``segment_codes`` (parts: lung lobes, aortic
+  segments). Several segments of one anatomy (left and right lung, five lobes) are united;
+  modifiers such as laterality are not needed for that and are ignored.
   Fallback (``match_segment_labels``, on by default): a segment whose code matches no anatomy but
   whose Segment Label, normalised (case, spaces, hyphens), equals an anatomy name ("Lung",
   "heart") counts for that anatomy — segmenters that use private or finer codes still label
@@ -75,7 +77,9 @@ class DicomSegProvider:
     def __init__(self, table: AnatomyTable, *, match_segment_labels: bool = True) -> None:
         self.table = table
         self.match_segment_labels = match_segment_labels
-        self._by_code = {(a.code.value, a.code.scheme): a.name for a in table.anatomies}
+        self._by_code = {
+            (c.value, c.scheme): a.name for a in table.anatomies for c in a.matching_codes
+        }
         self._by_label = {a.name: a.name for a in table.anatomies}
 
     # -- choosing ---------------------------------------------------------------------------
