@@ -28,7 +28,7 @@ from fvlm_pacs.jobs.queue import ClaimedJob
 from fvlm_pacs.model.predictor import Predictor, anatomy_table_for
 from fvlm_pacs.segmentation import SegmentationProvider
 from fvlm_pacs.studies.assembly import assemble_study
-from fvlm_pacs.triage import TriageRules, assess
+from fvlm_pacs.triage import TriageRules, assess, load_triage_rules
 from fvlm_pacs.writers import write_outputs
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,14 @@ class Stages:
     anatomy_table: AnatomyTable | None = None
     """The predictor's anatomy profile (codes for SEG/SR); looked up from the model if None."""
     triage_rules: TriageRules | None = None
-    """``mappings/triage.yaml`` loaded once; None loads the shipped table per study."""
+    """``mappings/triage.yaml``; None loads the shipped table."""
+
+    def __post_init__(self) -> None:
+        # Resolve the defaults once here, not per study: each is a YAML file read and validated.
+        if self.predictor is not None and self.anatomy_table is None:
+            object.__setattr__(self, "anatomy_table", anatomy_table_for(self.predictor.anatomies))
+        if self.predictor is not None and self.triage_rules is None:
+            object.__setattr__(self, "triage_rules", load_triage_rules())
 
     @property
     def version(self) -> str:
@@ -104,6 +111,9 @@ def run_stages(
     }
     if stages.predictor is None or stages.segmenter is None:
         return result
+    table = stages.anatomy_table
+    if table is None:  # set by Stages.__post_init__ whenever there is a predictor
+        raise RuntimeError("Stages has a predictor but no anatomy table")
     started = time.perf_counter()
     labelmap = stages.segmenter.segment(volume, paths)
     timings["segmentation_s"] = round(time.perf_counter() - started, 3)
@@ -123,7 +133,7 @@ def run_stages(
             prediction.findings,
             paths,
             info,
-            stages.anatomy_table or anatomy_table_for(stages.predictor.anatomies),
+            table,
             stages.predictor.findings,
             out_dir,
             outputs_root=outputs_root,

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import errno
 import logging
-from io import BytesIO
-
-from pydicom import dcmread
 
 from fvlm_pacs import config
 from fvlm_pacs.domain import InstanceRef
 from fvlm_pacs.errors import ExportError, InvalidInstance
 from fvlm_pacs.export.base import Outgoing
+from fvlm_pacs.ingest.intake import parse_header
 from fvlm_pacs.ingest.spool import FolderSpool
 
 log = logging.getLogger(__name__)
 
 _PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
-_UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
 
 
 class FolderDestination:
@@ -61,16 +58,9 @@ class FolderDestination:
 
 
 def _ref(file_name: str, data: bytes) -> InstanceRef:
-    """The UIDs that place a file; the spool validates them before using them as names."""
+    """The UIDs that place a file, read and checked as intake checks a received object: the
+    same parser, so a file the folder accepts is one our own SCP would accept too."""
     try:
-        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_UID_TAGS)
-    except Exception as exc:
-        raise ExportError(
-            f"{file_name} is not a readable DICOM file: {exc}", retryable=False
-        ) from exc
-    return InstanceRef(
-        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
-        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        sop_class_uid=str(ds.get("SOPClassUID", "")),
-    )
+        return parse_header(data).ref
+    except InvalidInstance as exc:
+        raise ExportError(f"{file_name}: {exc}", retryable=False) from exc
