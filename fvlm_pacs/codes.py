@@ -9,6 +9,7 @@ it does not fully understand: a typo in a rule must stop the service at start-up
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -468,14 +469,7 @@ def load_series_rules(path: Path | None = None) -> SeriesRules:
     of the first thing it does not understand.
     """
     path = path or mappings_dir() / "series_rules.yaml"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"series rules: cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"series rules {path.name}: not valid YAML: {exc}") from exc
+    data, _ = read_yaml(path, "series rules")
     return parse_series_rules(data, source=str(path))
 
 
@@ -842,15 +836,23 @@ def _checked_name(node: Mapping[str, Any], table: str, where: str, kp: str) -> s
     return name
 
 
-def _read_yaml(path: Path, table: str) -> tuple[Any, str]:
+def read_yaml(path: Path, table: str) -> tuple[Any, str]:
+    """Parse one ``mappings/`` table; return the data and the hex sha256 of the file's bytes.
+
+    Shared by every table loader here and by :mod:`fvlm_pacs.triage`, so all of them fail alike:
+    :class:`ConfigError` starting with ``table`` for a file that cannot be read or is not UTF-8
+    YAML. The sha256 is of the raw bytes, read once with the data, so it names exactly the file
+    that was parsed (triage stamps it into every result).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{table}: cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        return yaml.safe_load(text), path.name
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{table} {path.name}: not valid YAML: {exc}") from exc
+    return data, hashlib.sha256(raw).hexdigest()
 
 
 def _check_keys(
@@ -1074,7 +1076,7 @@ def _parse_profile(
 def load_anatomy_profiles(path: Path | None = None) -> dict[str, AnatomyTable]:
     """Every profile of ``anatomies.yaml`` (default: the one in :func:`mappings_dir`)."""
     path = path or mappings_dir() / "anatomies.yaml"
-    data, _ = _read_yaml(path, "anatomies")
+    data, _ = read_yaml(path, "anatomies")
     return parse_anatomies(data, source=str(path))
 
 
@@ -1182,7 +1184,7 @@ def load_findings(
 ) -> tuple[FindingDefinition, ...]:
     """The findings of ``findings.yaml`` (default: in :func:`mappings_dir`) scored by this profile."""
     path = path or mappings_dir() / "findings.yaml"
-    data, _ = _read_yaml(path, "findings")
+    data, _ = read_yaml(path, "findings")
     return parse_findings(data, anatomies, source=str(path))
 
 

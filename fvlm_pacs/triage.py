@@ -14,15 +14,12 @@ of the findings and the rules, so the pipeline, the HL7 export and the tests get
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import Any, Literal, get_args
 
 from fvlm_pacs.codes import (
     _check_keys,
@@ -32,8 +29,9 @@ from fvlm_pacs.codes import (
     load_anatomy_profiles,
     load_findings,
     mappings_dir,
+    read_yaml,
 )
-from fvlm_pacs.errors import ConfigError
+from fvlm_pacs.domain import FindingStatus
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +40,9 @@ Priority = Literal["routine", "high", "critical"]
 PRIORITIES: tuple[Priority, ...] = ("routine", "high", "critical")
 """Lowest to highest; the index is the rank used for sorting (critical first)."""
 
-FINDING_STATUSES = ("present", "absent", "not_assessable")
+FINDING_STATUSES: tuple[FindingStatus, ...] = get_args(FindingStatus)
+"""Every status a finding row may carry, in :data:`~fvlm_pacs.domain.FindingStatus` order; taken
+from the domain type so a new status cannot be added there and forgotten here."""
 
 
 def priority_rank(priority: str | None) -> int:
@@ -204,18 +204,11 @@ def load_triage_rules(
     result to :func:`assess`: a broken table must stop the service, not the first study.
     """
     path = path or mappings_dir() / "triage.yaml"
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{_TABLE}: cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{_TABLE} {path.name}: not valid YAML: {exc}") from exc
+    data, digest = read_yaml(path, _TABLE)
     if known_findings is None:
         known_findings = finding_names(path.parent)
     rules = parse_triage_rules(data, known_findings, source=str(path))
-    return TriageRules(rules=rules.rules, source=str(path), sha256=hashlib.sha256(raw).hexdigest())
+    return TriageRules(rules=rules.rules, source=str(path), sha256=digest)
 
 
 # ---------------------------------------------------------------------------------------------

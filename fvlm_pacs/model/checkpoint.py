@@ -79,6 +79,20 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def save_weights(module: torch.nn.Module, path: str | Path, fmt: str) -> str:
+    """Write ``module``'s state dict (on CPU, contiguous) to the safetensors file ``path``; return
+    the file's hex sha256.
+
+    The header carries one metadata key only, ``{"format": fmt}``: safetensors writes the
+    metadata map in no fixed order, so several keys would give identical weights a different
+    sha256 on every save. Everything else (name, version, config) belongs in the ``config.json``
+    next to the weights. Shared by :func:`save_model` and the builtin segmentation network.
+    """
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": fmt})
+    return sha256_file(path)
+
+
 # -- the released format -------------------------------------------------------------------
 def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict inside a released ``torch.save`` file (``{"model": sd}`` or bare ``sd``).
@@ -391,13 +405,9 @@ def save_model(model: FvlmModel, out_dir: str | Path, name: str, version: str) -
         raise ConfigError("version must not be empty")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    weights = out / WEIGHTS_FILE
-    # One metadata key only: safetensors writes the metadata map in no fixed order, so several
-    # keys would give identical weights a different sha256 on every save (name and version
-    # live in config.json).
-    save_file(tensors, str(weights), metadata={"format": FORMAT})
-    digest = sha256_file(weights)
+    # Name and version live in config.json: the weights header keeps one metadata key, so
+    # identical weights keep one sha256 from save to save (see save_weights).
+    digest = save_weights(model, out / WEIGHTS_FILE, FORMAT)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

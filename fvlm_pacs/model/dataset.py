@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..geometry import LPS_TO_RAS
 from ..phantoms import FINDINGS
 from ..reports import CT_RATE_ANATOMIES, Decomposer, RuleBasedDecomposer, normal_text, split_report
 from .preprocess import CONTEXT_MARGIN, HU_WINDOW, MODEL_SPACING_MM
@@ -87,7 +88,6 @@ __all__ = [
 
 LAYOUTS = ("synthetic", "ct-rate")
 _CACHE_VERSION = 1
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,8 +539,9 @@ class ManifestDataset(Dataset[dict[str, Any]]):
 
             self._table = load_anatomies("ct-rate")
         labels = np.asarray(self._table.group_totalsegmentator(mask)).astype(np.uint8)
-        # NIfTI indexes (i, j, k) with a RAS affine; our helpers speak LPS.
-        return hu, labels, _RAS_TO_LPS @ aff_ras
+        # NIfTI indexes (i, j, k) with a RAS affine; our helpers speak LPS (the flip is its own
+        # inverse, so LPS_TO_RAS also maps RAS to LPS).
+        return hu, labels, LPS_TO_RAS @ aff_ras
 
     def prepared(self, index: int) -> Prepared:
         """Case ``index`` on the training grid (memoised; from ``cache_dir`` when present)."""

@@ -31,6 +31,7 @@ from monai.data import MetaTensor
 from monai.transforms import ScaleIntensityRange, Spacing
 
 from fvlm_pacs.domain import Volume
+from fvlm_pacs.geometry import LPS_TO_RAS
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ CONTEXT_MIN_SHAPE = (112, 256, 352)
 CROP_MIN_SHAPE = (112, 288, 352)
 PATCH = (16, 16, 32)
 MIN_KEPT_FRACTION = 0.9
-
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ def _resampled(array: np.ndarray, affine_lps: np.ndarray, mode: str) -> np.ndarr
     """MONAI ``Spacing`` works in RAS; the DICOM affine is LPS."""
     tensor = MetaTensor(
         torch.from_numpy(np.ascontiguousarray(array))[None],
-        affine=torch.from_numpy(_LPS_TO_RAS @ affine_lps),
+        affine=torch.from_numpy(LPS_TO_RAS @ affine_lps),
     )
     spacing = Spacing(pixdim=MODEL_SPACING_MM, mode=mode, padding_mode="zeros")
     out = spacing(tensor)

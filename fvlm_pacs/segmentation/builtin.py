@@ -59,11 +59,12 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 from monai.transforms import ScaleIntensityRange, Spacing
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fvlm_pacs.codes import AnatomyTable
 from fvlm_pacs.domain import LabelMap, Volume
-from fvlm_pacs.model.checkpoint import demo_model_dir, sha256_file
+from fvlm_pacs.geometry import LPS_TO_RAS
+from fvlm_pacs.model.checkpoint import demo_model_dir, save_weights, sha256_file
 from fvlm_pacs.model.predictor import auto_device
 from fvlm_pacs.segmentation.base import SegmentationUnavailable
 
@@ -80,8 +81,6 @@ BUILD_COMMAND = "fvlm-pacs model build-demo"
 """The command that trains the shipped network (with the demo fVLM)."""
 SUBDIR = "segmentation"
 """Where the network lives inside the demo model folder."""
-
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def default_model_dir() -> Path:
@@ -181,11 +180,8 @@ def save_segnet(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    weights = out / WEIGHTS_FILE
-    # one metadata key only: safetensors writes the metadata map in hash order, so several keys
-    # would make identical weights hash differently from one save to the next
-    save_file(tensors, str(weights), metadata={"format": FORMAT})
+    # one metadata key in the weights header, so identical weights hash alike (see save_weights)
+    digest = save_weights(net, out / WEIGHTS_FILE, FORMAT)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -194,7 +190,7 @@ def save_segnet(
         "architecture": "monai.networks.nets.UNet",
         "anatomies": list(config.anatomies),
         "weights": WEIGHTS_FILE,
-        "sha256": sha256_file(weights),
+        "sha256": digest,
         "network": config.to_dict(),
         "training": dict(training or {}),
     }
@@ -291,12 +287,12 @@ def to_working_grid(voxels: hd.Volume, config: SegNetConfig) -> WorkingGrid:
     )
     tensor = MetaTensor(
         torch.from_numpy(np.ascontiguousarray(array))[None],
-        affine=torch.from_numpy(_LPS_TO_RAS @ affine),
+        affine=torch.from_numpy(LPS_TO_RAS @ affine),
     )
     out = Spacing(pixdim=config.spacing_mm, mode="bilinear", padding_mode="border")(tensor)
     if not isinstance(out, MetaTensor):  # Spacing keeps the MetaTensor; its affine is the grid
         raise TypeError(f"MONAI Spacing returned {type(out).__name__}, not a MetaTensor")
-    out_affine = _LPS_TO_RAS @ np.asarray(out.affine.numpy(), dtype=np.float64)
+    out_affine = LPS_TO_RAS @ np.asarray(out.affine.numpy(), dtype=np.float64)
     window = ScaleIntensityRange(
         a_min=config.hu_window[0], a_max=config.hu_window[1], b_min=0.0, b_max=1.0, clip=True
     )

@@ -40,6 +40,7 @@ import numpy as np
 
 from fvlm_pacs.codes import AnatomyTable
 from fvlm_pacs.domain import LabelMap, Volume
+from fvlm_pacs.geometry import LPS_TO_RAS
 from fvlm_pacs.segmentation.base import SegmentationUnavailable
 from fvlm_pacs.segmentation.grid import place_on_grid
 
@@ -61,7 +62,6 @@ Runner = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 multi-label map (v2 class ids) with its own affine, usually the input's.
 """
 
-_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # NIfTI index (i, j, k) = (column, row, slice) → our index (slice, row, column)
 _IJK_TO_SRC = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
 
@@ -69,7 +69,7 @@ _IJK_TO_SRC = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]],
 def volume_to_nifti(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     """The CT as a NIfTI array (column, row, slice) with its RAS affine, as dcm2niix lays it out."""
     array = np.ascontiguousarray(np.asarray(volume.array, dtype=np.float32).transpose(2, 1, 0))
-    affine = _LPS_RAS @ np.asarray(volume.affine, dtype=float) @ _IJK_TO_SRC
+    affine = LPS_TO_RAS @ np.asarray(volume.affine, dtype=float) @ _IJK_TO_SRC
     return array, affine
 
 
@@ -82,7 +82,7 @@ def labels_to_volume(
         raise ValueError(f"TotalSegmentator label map must be 3-D, got shape {arr.shape}")
     return hd.Volume(
         arr,
-        _LPS_RAS @ np.asarray(affine_ras, dtype=float),
+        LPS_TO_RAS @ np.asarray(affine_ras, dtype=float),
         "PATIENT",
         frame_of_reference_uid=frame_of_reference_uid,
     )
