@@ -92,12 +92,15 @@ class LabelMap:
     """Anatomy labels on a volume's voxel grid: same shape and voxel order as ``Volume.array``.
 
     0 is background, k the k-th name of ``anatomies`` (the model's index order). ``source`` says
-    which segmentation provider made it (e.g. ``"dicom-seg"``), for the job record.
+    which segmentation provider made it (e.g. ``"dicom-seg"``) and ``provenance`` exactly what
+    it used (the SEG's UIDs, the network's sha256), for the job record: findings are only as
+    good as the masks they were pooled under, so a result must name its masks. No PHI here.
     """
 
     array: np.ndarray
     anatomies: tuple[str, ...]
     source: str
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

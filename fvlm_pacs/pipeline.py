@@ -120,7 +120,11 @@ def run_stages(
     prediction = stages.predictor.run(volume, labelmap)
     timings.update({f"{k}_s": round(v, 3) for k, v in prediction.timings.items() if k != "total"})
     info = stages.predictor.info
-    result["segmentation"] = {"source": labelmap.source, "anatomies": list(labelmap.anatomies)}
+    result["segmentation"] = {
+        "source": labelmap.source,
+        "anatomies": list(labelmap.anatomies),
+        "provenance": labelmap.provenance,
+    }
     result["model"] = {"name": info.name, "version": info.version, "sha256": info.sha256}
     result["findings"] = prediction.as_dict()["findings"]
     result["not_assessable"] = dict(prediction.not_assessable)

@@ -155,6 +155,12 @@ def test_label_map_follows_the_volume_voxel_order(runs: Trained, table: AnatomyT
     hu, truth, affine = phantom_volume(runs.cases[5])
     base = provider.segment(volume_of(hu, affine), [])
     assert isinstance(base, LabelMap) and base.source == "builtin"
+    meta = json.loads((runs.trained.out_dir / "config.json").read_text())
+    assert base.provenance == {  # the job record names the exact network
+        "network": meta["name"],
+        "version": meta["version"],
+        "sha256": meta["sha256"],
+    }
     assert base.array.shape == hu.shape and base.anatomies == table.names
     assert (base.array == table.label_of("lung")).any()
 

@@ -58,6 +58,11 @@ def check_findings(result: dict) -> None:
             assert f["score"] is None and f["status"] == "not_assessable"
     assert set(result["not_assessable"]) == {"esophagus", "aorta"}
     assert result["segmentation"]["source"] == "dicom-seg"
+    assert set(result["segmentation"]["provenance"]) == {
+        "seg_sop_instance_uid",
+        "seg_series_instance_uid",
+        "segments",
+    }
     # triage is stored with the result and agrees with the findings it was made from
     triage = result["triage"]
     assert triage == assess(result["findings"]).as_dict()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -136,6 +137,12 @@ def test_dicom_seg_gives_the_boxes_on_the_ct_grid(
     assert result.anatomies == table.names
     assert result.array.shape == volume.array.shape
     np.testing.assert_array_equal(result.array, expected)
+    written = pydicom.dcmread(seg, stop_before_pixels=True)
+    assert result.provenance == {  # the job record names the SEG it pooled under
+        "seg_sop_instance_uid": written.SOPInstanceUID,
+        "seg_series_instance_uid": written.SeriesInstanceUID,
+        "segments": {"lung": [1], "heart": [2]},
+    }
 
 
 def test_dicom_seg_in_reversed_dataset_order(tmp_path: Path, table: AnatomyTable) -> None:
@@ -283,6 +290,7 @@ def test_totalsegmentator_matches_dicom_seg(tmp_path: Path, table: AnatomyTable)
     from_ts = provider.segment(volume, paths)
     assert isinstance(from_ts, LabelMap)
     assert from_ts.source == "totalsegmentator"
+    assert from_ts.provenance == {"task": "total", "fast": False, "tasks": list(TOTAL_TASK_IDS)}
     assert from_ts.anatomies == from_seg.anatomies
     np.testing.assert_array_equal(from_ts.array, from_seg.array)
     image, affine = calls[0]

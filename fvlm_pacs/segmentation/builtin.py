@@ -513,4 +513,13 @@ class BuiltinSegmenter:
         for i, anatomy in enumerate(loaded.config.anatomies, start=1):
             if anatomy in names:
                 lut[i] = self.table.label_of(anatomy)
-        return LabelMap(array=lut[raw], anatomies=self.table.names, source=self.name)
+        return LabelMap(
+            array=lut[raw],
+            anatomies=self.table.names,
+            source=self.name,
+            provenance={
+                "network": loaded.name,
+                "version": loaded.version,
+                "sha256": loaded.sha256,
+            },
+        )

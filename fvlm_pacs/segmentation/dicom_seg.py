@@ -221,7 +221,15 @@ class DicomSegProvider:
             name: np.logical_or.reduce([channels[n] for n in nums])
             for name, nums in cand.segments.items()
         }
-        return merge_anatomy_masks(masks, self.table, volume.array.shape[:3], self.name)
+        merged = merge_anatomy_masks(masks, self.table, volume.array.shape[:3], self.name)
+        merged.provenance.update(
+            {
+                "seg_sop_instance_uid": str(seg.SOPInstanceUID),
+                "seg_series_instance_uid": str(seg.SeriesInstanceUID),
+                "segments": {name: list(nums) for name, nums in cand.segments.items()},
+            }
+        )
+        return merged
 
     @staticmethod
     def _channels_on_grid(

@@ -177,7 +177,12 @@ class TotalSegmentatorProvider:
             )
         total = total_on_grid(labels, labels_affine, volume)
         grouped = self.table.group_totalsegmentator(total)
-        return LabelMap(array=grouped, anatomies=self.table.names, source=self.name)
+        return LabelMap(
+            array=grouped,
+            anatomies=self.table.names,
+            source=self.name,
+            provenance={"task": "total", "fast": self.fast, "tasks": list(self.task_ids)},
+        )
 
 
 @contextlib.contextmanager
