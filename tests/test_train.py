@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from fvlm_pacs.model.dataset import ManifestDataset, collate, orient_fpl, read_n
 from fvlm_pacs.model.train import TrainConfig, lr_factor, train
 from fvlm_pacs.phantoms import FINDINGS, PhantomSpec, write_dataset
 from fvlm_pacs.reports import RuleBasedDecomposer, normal_text, split_report
+from tests.helpers import free_port
 
 SMALL = PhantomSpec(shape=(32, 48, 64), spacing=(3.0, 2.0, 2.0))
 CROP = (32, 96, 128)  # covers the whole context of SMALL on the 3x1x1 grid
@@ -340,3 +344,75 @@ def test_cli_train(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"manifest: {small}\nout_dir: out\nstepz: 2\n", encoding="utf-8")
     assert main(["train", "--config", str(bad)]) == 2
+
+
+def test_two_rank_ddp_equals_one_process_on_the_same_global_batch(
+    small: Path, tmp_path: Path
+) -> None:
+    """``torchrun`` with 2 CPU ranks (gloo, loopback) × batch 2 trains the same model as one
+    process × batch 4: same samples and augmentation draws per step (StepBatches), embeddings
+    all-gathered into one loss, DDP averaging the gradients. Dropout is off so both runs consume
+    no randomness that depends on how the batch is split."""
+    from fvlm_pacs.model.config import tiny
+
+    model = tiny(vocab_size=300).to_dict()
+    model["pool_dropout"] = 0.0
+    model["text"]["dropout"] = 0.0
+    single = tmp_path / "single"
+    train(config(small, single, steps=3, batch_size=4, model=model))
+
+    ddp = tmp_path / "ddp"
+    settings = dict(
+        manifest=str(small), out_dir=str(ddp), crop=list(CROP), steps=3, batch_size=2, lr=1e-3,
+        warmup_steps=2, log_every=1, checkpoint_every=100, seed=0, vocab_size=300, model=model,
+        device="cpu",
+    )  # fmt: skip
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(json.dumps(settings), encoding="utf-8")  # JSON is YAML
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "lo",  # loopback only
+        "OMP_NUM_THREADS": "1",
+    }
+    port = free_port()
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+            "--master_addr=127.0.0.1", f"--master_port={port}",
+            "-m", "fvlm_pacs.cli", "train", "--config", str(cfg),
+        ],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert losses(ddp) == pytest.approx(losses(single), abs=1e-5)
+    a = FvlmModel.from_checkpoint(single / "model").state_dict()
+    b = FvlmModel.from_checkpoint(ddp / "model").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.endswith("attention.self.key.bias"):
+            # softmax ignores a bias added to every key, so this gradient is zero in exact
+            # arithmetic; Adam scales its float noise up to lr-sized steps, in either run
+            continue
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_yaml_exponent_floats_are_numbers(small: Path, tmp_path: Path) -> None:
+    """PyYAML reads ``1e-4`` (no dot) as a string; a hand-written config must still work, and a
+    non-number must be refused naming the key."""
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        f"manifest: {small}\nout_dir: {tmp_path / 'o'}\nlr: 1e-3\nmin_lr: 1e-6\n"
+        "model:\n  temperature_init: 7e-2\n  text:\n    layer_norm_eps: 1e-12\n",
+        encoding="utf-8",
+    )
+    loaded = TrainConfig.from_yaml(cfg)
+    assert loaded.lr == 1e-3 and loaded.min_lr == 1e-6
+    from fvlm_pacs.model.config import ModelConfig
+
+    model = ModelConfig.from_dict(dict(loaded.model))  # type: ignore[arg-type]
+    assert model.temperature_init == 0.07 and model.text.layer_norm_eps == 1e-12
+    cfg.write_text(f"manifest: {small}\nout_dir: o\nlr: fast\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"train\.yaml\.lr: expected a number, got 'fast'"):
+        TrainConfig.from_yaml(cfg)
+    with pytest.raises(ConfigError, match=r"text\.dropout: expected a number"):
+        ModelConfig.from_dict({"text": {"dropout": "none"}})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, get_type_hints
 
 from ..errors import ConfigError
 
@@ -90,6 +90,8 @@ class TextConfig:
     "Emphysema." and "Lung shows no significant abnormalities." with the tiny config), so
     contrastive training from scratch starts with no text signal and collapses; the token mean
     differs between texts from the first step (cosines 0.6–0.9). Pretrained encoders keep ``cls``.
+    ``dropout`` is BERT's hidden and attention dropout during training (Hugging Face's default
+    0.1); inference runs in eval mode, where it does nothing.
     """
 
     vocab_size: int = 30522
@@ -103,8 +105,11 @@ class TextConfig:
     hidden_act: str = "gelu"
     max_tokens: int = 384
     pooling: str = "cls"
+    dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"text.dropout must be in [0, 1), got {self.dropout}")
         if self.pooling not in TEXT_POOLINGS:
             raise ConfigError(f"text.pooling must be one of {TEXT_POOLINGS}, got {self.pooling!r}")
         if self.hidden_size <= 0 or self.hidden_size % self.num_heads:
@@ -167,7 +172,9 @@ class ModelConfig:
         unknown = set(data) - top
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k not in ("vision", "text")}
+        kwargs: dict[str, Any] = coerce_floats(
+            cls, {k: v for k, v in data.items() if k not in ("vision", "text")}, "model"
+        )
         if "anatomies" in kwargs:
             kwargs["anatomies"] = tuple(kwargs["anatomies"])
         kwargs["vision"] = _sub(VisionConfig, data.get("vision", {}), "vision")
@@ -183,6 +190,29 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
+def coerce_floats(kind: type[Any], data: dict[str, Any], name: str) -> dict[str, Any]:
+    """``data`` with every value of a ``float`` field of dataclass ``kind`` made a float.
+
+    YAML 1.1 (PyYAML) reads ``1e-4`` — an exponent without a dot — as the STRING "1e-4", and a
+    training or model config written by hand is full of such learning rates and epsilons; JSON
+    numbers like ``1`` arrive as ints. Anything that is not a number is a :class:`ConfigError`
+    naming the key, instead of a type error deep inside torch or transformers.
+    """
+    hints = get_type_hints(kind)
+    out = dict(data)
+    for key, value in data.items():
+        hint = hints.get(key)
+        if hint not in (float, float | None) or value is None or isinstance(value, float):
+            continue
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}.{key}: expected a number, got {value!r}")
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}.{key}: expected a number, got {value!r}") from None
+    return out
+
+
 def _sub(kind: type[Any], data: Any, name: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{name} must be an object, got {type(data).__name__}")
@@ -190,7 +220,7 @@ def _sub(kind: type[Any], data: Any, name: str) -> Any:
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown {name} config keys: {sorted(unknown)}")
-    return kind(**data)
+    return kind(**coerce_floats(kind, data, name))
 
 
 def vit_b(anatomies: tuple[str, ...] = RELEASED_ANATOMIES) -> ModelConfig:

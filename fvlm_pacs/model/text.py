@@ -45,7 +45,7 @@ class NoTokenType(nn.Module):
 
 
 def bert_config(cfg: TextConfig) -> BertConfig:
-    """A Hugging Face config for ``cfg`` (dropout 0 is irrelevant in eval, kept default)."""
+    """A Hugging Face config for ``cfg`` (dropout acts in training only)."""
     return BertConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -56,6 +56,8 @@ def bert_config(cfg: TextConfig) -> BertConfig:
         layer_norm_eps=cfg.layer_norm_eps,
         pad_token_id=cfg.pad_token_id,
         hidden_act=cfg.hidden_act,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
         type_vocab_size=1,
     )
 
@@ -91,6 +93,7 @@ def text_config_from_dir(text_model_dir: str | Path, max_tokens: int = 384) -> T
             pad_token_id=int(data.get("pad_token_id", 0)),
             hidden_act=str(data.get("hidden_act", "gelu")),
             max_tokens=min(max_tokens, max_pos),
+            dropout=float(data.get("hidden_dropout_prob", 0.1)),
         )
     except KeyError as exc:
         raise ConfigError(f"text_model_dir: {path} lacks {exc.args[0]!r}") from exc

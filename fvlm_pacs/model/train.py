@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..errors import ConfigError
 from ..reports import normal_text
 from .checkpoint import load_model, save_model
-from .config import ModelConfig, TextConfig, tiny, vit_b
+from .config import ModelConfig, TextConfig, coerce_floats, tiny, vit_b
 from .dataset import LAYOUTS, NORMAL_WORDINGS, ManifestDataset, collate
 from .fvlm import FvlmModel
 from .losses import clip_image_embedding, clip_loss, fvlm_loss, gather_objects, gather_with_grad
@@ -172,7 +172,7 @@ class TrainConfig:
                 p = Path(str(data[key])).expanduser()
                 data[key] = p if p.is_absolute() else path.parent / p
         try:
-            return cls(**data)
+            return cls(**coerce_floats(cls, data, f"train config {path.name}"))
         except TypeError as exc:
             raise ConfigError(f"train config {path}: {exc}") from exc
 
@@ -265,7 +265,12 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
 
 
 class _Objective(nn.Module):
-    """The model plus the CLIP head, as one module so DDP sees every forward."""
+    """The model plus the CLIP head, as one module so DDP sees every forward.
+
+    The forward also returns the clamped temperature: every parameter the loss touches must be
+    used inside the DDP-wrapped forward, or DDP (with ``find_unused_parameters``) marks it unused
+    at the end of the forward and fails when its gradient then arrives in the backward.
+    """
 
     def __init__(self, model: FvlmModel) -> None:
         super().__init__()
@@ -280,15 +285,16 @@ class _Objective(nn.Module):
 
     def forward(
         self, image: torch.Tensor, labels: torch.Tensor, texts: list[str], clip: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.model.config
+        tau = self.model.temp.clamp(cfg.temperature_min, cfg.temperature_max)
         if clip:
             levels, _ = self.model.visual_encoder(image)
-            return clip_image_embedding(levels[-1], self.clip_proj).float(), self._encode_unique(
-                texts
-            )
+            img = clip_image_embedding(levels[-1], self.clip_proj).float()
+            return img, self._encode_unique(texts), tau
         img = self.model.encode_anatomies(image, labels)
         b, k, e = img.shape
-        return img, self._encode_unique(texts).reshape(b, k, e)
+        return img, self._encode_unique(texts).reshape(b, k, e), tau
 
 
 PATCH_CONV = "patch_embedding.patch_embeddings."
@@ -532,11 +538,11 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
         labels = batch["labels"].to(device, non_blocking=True)
         texts = batch["report"] if clip else [t for row in batch["texts"] for t in row]
         with autocast():
-            v, t = wrapped(image, labels, texts, clip)
+            v, t, tau = wrapped(image, labels, texts, clip)
             if wrapped_peer is not None:
-                pv, pt = wrapped_peer(image, labels, texts, False)
+                pv, pt, peer_tau = wrapped_peer(image, labels, texts, False)
         v, t = gather_with_grad(v.float()), gather_with_grad(t.float())
-        tau = model.temp.clamp(model.config.temperature_min, model.config.temperature_max)
+        tau = tau.float()
         per: dict[int, float] = {}
         if clip:
             loss = clip_loss(v, t, tau)
@@ -552,8 +558,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
                 )
             else:
                 pv, pt = gather_with_grad(pv.float()), gather_with_grad(pt.float())
-                pm = peer.model
-                peer_tau = pm.temp.clamp(pm.config.temperature_min, pm.config.temperature_max)
+                peer_tau = peer_tau.float()
                 loss, per = fvlm_loss(
                     v, t, normal, inside, all_texts, tau,
                     peer_image_emb=pv, peer_text_emb=pt, peer_tau=peer_tau,
