@@ -152,6 +152,7 @@ def parser() -> argparse.ArgumentParser:
         help="training steps of the builtin segmentation network (0: ship none)",
     )
     demo.add_argument("--seed", type=int)
+    demo.add_argument("--vit-width", type=int, help="hidden size of the ViT (MLP 2x, 4 heads)")
     demo.add_argument("--work", type=Path, default=Path("fvlm-demo-build"), help="scratch folder")
     demo.add_argument("--out", type=Path, help="default: the package's models/demo folder")
     return p
@@ -242,7 +243,7 @@ def _build_demo(args: argparse.Namespace) -> int:
     """Rebuild the shipped demo model (minutes on a CPU) and print its measured mean AUC."""
     from fvlm_pacs.model.demo_build import EVAL_FILE, DemoRecipe, build_demo
 
-    given = {k: getattr(args, k) for k in ("cases", "steps", "seg_steps", "seed")}
+    given = {k: getattr(args, k) for k in ("cases", "steps", "seg_steps", "seed", "vit_width")}
     recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
     try:
         out = build_demo(recipe, args.work, args.out)

@@ -24,6 +24,7 @@ from typing import Any
 
 from fvlm_pacs.evaluation import EvalReport, calibrate, evaluate, write_thresholds
 from fvlm_pacs.model.checkpoint import demo_model_dir
+from fvlm_pacs.model.config import tiny
 from fvlm_pacs.model.predictor import Predictor
 from fvlm_pacs.model.train import TrainConfig, train
 from fvlm_pacs.model.zeroshot_eval import dataset_split, part_manifest, score_cases
@@ -45,8 +46,17 @@ class DemoRecipe:
     The phantom grid (48, 96, 128) at (6, 2.5, 2.5) mm is the benchmark's: a 288 × 240 × 320 mm
     chest whose anatomy context fits the training crop on the model's 3 × 1 × 1 mm grid, so every
     step sees whole anatomies. ``seg_steps`` is the builtin segmentation network's own budget
-    (0: no network is shipped).
+    (0: no network is shipped). ``vit_width`` is the ViT's hidden size (MLP 2×, 4 heads); the
+    rest of the network is :func:`~fvlm_pacs.model.config.tiny`.
     """
+
+    def model_config(self) -> dict[str, Any]:
+        """The network to train, as a model config without vocabulary size (the trainer fills
+        in its tokenizer's)."""
+        data = tiny().to_dict()
+        data["vision"].update(hidden_size=self.vit_width, mlp_dim=2 * self.vit_width)
+        del data["text"]["vocab_size"]
+        return data
 
     cases: int = 160
     seed: int = 0
@@ -58,6 +68,7 @@ class DemoRecipe:
     spacing: tuple[float, float, float] = (6.0, 2.5, 2.5)
     crop: tuple[int, int, int] = (96, 176, 288)
     seg_steps: int = 600
+    vit_width: int = 64
     version: str = "1"
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +97,7 @@ def build_demo(
         TrainConfig(
             manifest=train_manifest,
             out_dir=work_dir / "run",
-            model="tiny",
+            model=recipe.model_config(),
             crop=recipe.crop,
             cache_dir=work_dir / "cache",
             steps=recipe.steps,
@@ -170,8 +181,9 @@ def model_card(
         "",
         "## What it is",
         "",
-        "A tiny fVLM (ViT 4 blocks × 64, BERT 2 layers × 32 with a WordPiece vocabulary built "
-        "from the synthetic reports, 16-d joint space, anatomies lung/heart/esophagus/aorta) "
+        f"A tiny fVLM (ViT 4 blocks × {recipe.vit_width}, BERT 2 layers × 32 with a WordPiece "
+        "vocabulary built from the synthetic reports, 16-d joint space, anatomies "
+        "lung/heart/esophagus/aorta) "
         "trained from scratch with the fVLM objective (normal-sample correction on). It exists so "
         "that the whole product (DICOM in, findings, triage, SR/SEG out, worklist) can be shown "
         "and tested on any machine without downloading weights.",
@@ -212,7 +224,7 @@ def model_card(
         "",
         "```",
         f"fvlm-pacs model build-demo --cases {recipe.cases} --steps {recipe.steps} "
-        f"--seg-steps {recipe.seg_steps} --seed {recipe.seed}",
+        f"--seg-steps {recipe.seg_steps} --seed {recipe.seed} --vit-width {recipe.vit_width}",
         "```",
         "",
     ]

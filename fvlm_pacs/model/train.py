@@ -334,7 +334,11 @@ def _build_model(cfg: TrainConfig, tokenizer: Any) -> FvlmModel:
         model.tokenizer = model.tokenizer or tokenizer
         return model
     if isinstance(cfg.model, Mapping):
-        mc = ModelConfig.from_dict(dict(cfg.model))
+        data = dict(cfg.model)
+        text_data = dict(data.get("text") or {})
+        # a config without a vocabulary size gets the tokenizer's (built by this run)
+        text_data.setdefault("vocab_size", vocab)
+        mc = ModelConfig.from_dict({**data, "text": text_data})
         if mc.text.vocab_size < vocab:
             raise ConfigError(
                 f"model.text.vocab_size ({mc.text.vocab_size}) < tokenizer vocabulary ({vocab})"
