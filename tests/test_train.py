@@ -416,3 +416,14 @@ def test_yaml_exponent_floats_are_numbers(small: Path, tmp_path: Path) -> None:
         TrainConfig.from_yaml(cfg)
     with pytest.raises(ConfigError, match=r"text\.dropout: expected a number"):
         ModelConfig.from_dict({"text": {"dropout": "none"}})
+
+
+def test_changing_the_anatomy_list_drops_texts_made_for_the_old_one(synth: Path) -> None:
+    """The trainer adopts a checkpoint's anatomy order after the tokenizer has read every text;
+    items must then follow the new order, not the memoised old one."""
+    ds = ManifestDataset(synth, crop=(32, 64, 64), seed=1)
+    before = ds.texts(0)
+    ds.anatomies = ("heart", "lung", "esophagus", "aorta")
+    after = ds.texts(0)
+    assert after.texts == (before.texts[1], before.texts[0], *before.texts[2:])
+    assert after.normal == (before.normal[1], before.normal[0], *before.normal[2:])

@@ -455,9 +455,11 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         self.seed = int(seed)
         self.flip_p = float(flip_p)
         self.resample = resample
-        self.anatomies = tuple(anatomies)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._decomposer = decomposer
+        self._own_decomposer = decomposer is None
+        self._memo = _Memo()
+        self.anatomies = tuple(anatomies)
         if layout == "synthetic":
             self.records = read_synthetic(self.manifest)
         else:
@@ -466,11 +468,25 @@ class ManifestDataset(Dataset[dict[str, Any]]):
                 masks_dir=Path(masks_dir) if masks_dir is not None else None,
                 descriptions_json=Path(descriptions_json) if descriptions_json else None,
             )
-        self._memo = _Memo()
         self._table: Any = None
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def anatomies(self) -> tuple[str, ...]:
+        """Names of labels 1..K; the order of every item's ``texts`` and ``normal``."""
+        return self._anatomies
+
+    @anatomies.setter
+    def anatomies(self, names: Sequence[str]) -> None:
+        # Texts, normal flags, prepared volumes and our own decomposer were made for the old
+        # list: drop them, or a trainer that adopts a checkpoint's anatomies trains on stale
+        # texts in the old order.
+        self._anatomies = tuple(names)
+        self._memo = _Memo()
+        if self._own_decomposer:
+            self._decomposer = None
 
     @property
     def decomposer(self) -> Decomposer:
