@@ -421,9 +421,17 @@ def test_yaml_exponent_floats_are_numbers(small: Path, tmp_path: Path) -> None:
 def test_changing_the_anatomy_list_drops_texts_made_for_the_old_one(synth: Path) -> None:
     """The trainer adopts a checkpoint's anatomy order after the tokenizer has read every text;
     items must then follow the new order, not the memoised old one."""
-    ds = ManifestDataset(synth, crop=(32, 64, 64), seed=1)
-    before = ds.texts(0)
+    ds = ManifestDataset(synth, crop=(32, 64, 64), seed=1, train=False)
+    before, item = ds.texts(0), ds[0]
     ds.anatomies = ("heart", "lung", "esophagus", "aorta")
-    after = ds.texts(0)
+    after, swapped = ds.texts(0), ds[0]
     assert after.texts == (before.texts[1], before.texts[0], *before.texts[2:])
     assert after.normal == (before.normal[1], before.normal[0], *before.normal[2:])
+    # label k must be the anatomy of texts[k - 1]: the label values are swapped too
+    lung, heart = item["labels"] == 1, item["labels"] == 2
+    assert lung.any() and heart.any()
+    assert (swapped["labels"][lung] == 2).all() and (swapped["labels"][heart] == 1).all()
+    assert torch.equal(swapped["labels"][~(lung | heart)], item["labels"][~(lung | heart)])
+    assert torch.equal(swapped["inside"], item["inside"][[1, 0, 2, 3]])
+    ds.anatomies = ("lung",)  # an anatomy the list drops is background
+    assert set(ds[0]["labels"].unique().tolist()) <= {0, 1}

@@ -87,7 +87,7 @@ __all__ = [
 ]
 
 LAYOUTS = ("synthetic", "ct-rate")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: label values follow the dataset's anatomy order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,8 +583,7 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         (hu, labels), spacing = orient_fpl([hu, labels], affine)
         if self.resample:
             hu, labels = _resample(hu, labels, spacing)
-        lab = np.rint(labels).astype(np.int64)
-        lab[(lab < 0) | (lab > len(self.anatomies))] = 0
+        lab = self._source_to_own_labels(np.rint(labels).astype(np.int64))
         if lab.any():
             lo, hi = _bbox(lab > 0)
             lo = np.maximum(lo - np.array(CONTEXT_MARGIN), 0)
@@ -597,6 +596,23 @@ class ManifestDataset(Dataset[dict[str, Any]]):
             labels=np.ascontiguousarray(lab.astype(np.uint8)),
             voxels=voxels[: len(self.anatomies) + 1].astype(np.int64),
         )
+
+    def _source_to_own_labels(self, lab: np.ndarray) -> np.ndarray:
+        """Source label values → this dataset's, by anatomy name.
+
+        Both layouts number anatomies as the ``ct-rate`` profile does (phantoms write those
+        values; CT-RATE masks are grouped with that table): label k is
+        ``CT_RATE_ANATOMIES[k - 1]``. :attr:`anatomies` may order or choose them differently (a
+        checkpoint's list), and the texts follow it, so the label values must follow it too.
+        """
+        lut = np.zeros(len(CT_RATE_ANATOMIES) + 1, dtype=np.int64)
+        for k, name in enumerate(CT_RATE_ANATOMIES, start=1):
+            if name in self.anatomies:
+                lut[k] = self.anatomies.index(name) + 1
+        out = np.zeros_like(lab)
+        known = (lab > 0) & (lab < len(lut))
+        out[known] = lut[lab[known]]
+        return out
 
     # -- items -----------------------------------------------------------------------------
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
