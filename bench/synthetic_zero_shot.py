@@ -390,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         timing[variant]["eval_s"] = time.perf_counter() - t0
         print(
             f"trained {variant}: {args.steps} steps x batch {args.batch} in {train_s:.1f} s "
-            f"({train_s / args.steps:.2f} s/step), final loss {last['loss']}, "
+            f"({train_s / args.steps:.2f} s/step), final loss {last['loss']}"
+            + (" (both networks summed)" if variant == "fvlm-coteach" else "")
+            + ", "
             f"eval {timing[variant]['eval_s']:.1f} s"
         )
     a, b = scores.get("fvlm@train-grid"), scores.get("fvlm-no-correction@train-grid")

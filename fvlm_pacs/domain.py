@@ -94,7 +94,8 @@ class LabelMap:
     0 is background, k the k-th name of ``anatomies`` (the model's index order). ``source`` says
     which segmentation provider made it (e.g. ``"dicom-seg"``) and ``provenance`` exactly what
     it used (the SEG's UIDs, the network's sha256), for the job record: findings are only as
-    good as the masks they were pooled under, so a result must name its masks. No PHI here.
+    good as the masks they were pooled under, so a result must name its masks. No patient
+    demographics; UIDs are identifiers, kept like the study's own UIDs in the same record.
     """
 
     array: np.ndarray

@@ -33,7 +33,7 @@ from fvlm_pacs.writers import write_outputs
 
 log = logging.getLogger(__name__)
 
-STAGES_VERSION = "1"
+STAGES_VERSION = "2"
 """Bumped whenever a stage changes what a job produces."""
 
 

@@ -258,6 +258,11 @@ def test_selector_picks_exactly_the_tokens_the_mask_covers() -> None:
     assert sel[0, 0].nonzero().flatten().tolist() == [5]
     assert sel[0, 1].nonzero().flatten().tolist() == [2, 7]
     assert not sel[0, 2].any()
+    # training feeds uint8 label maps, flipped views included: same tokens
+    assert torch.equal(token_selector(lab.to(torch.uint8), 3, PATCH), sel)
+    flipped = lab.to(torch.uint8).flip(1, 2, 3)  # non-contiguous
+    expected = sel.reshape(1, 3, 2, 2, 2).flip(2, 3, 4).reshape(1, 3, 8)
+    assert torch.equal(token_selector(flipped, 3, PATCH), expected)
 
 
 def test_pooling_equals_attention_over_the_selected_tokens_only(model: FvlmModel) -> None:

@@ -145,7 +145,7 @@ def claimed_job(
 def test_job_in_the_service_gets_findings(model_dir: Path, study, tmp_path) -> None:
     _uid, paths = study
     with claimed_job(model_dir, paths, tmp_path / "data") as (parts, queue, job):
-        assert job.pipeline_version == "1+tiny-0.1"
+        assert job.pipeline_version == f"{STAGES_VERSION}+tiny-0.1"
         assert queue.succeed(job, run_study(parts.pipeline, job)) is not None
         with parts.sessions() as s:
             row = s.scalars(select(Job).where(Job.id == job.id)).one()

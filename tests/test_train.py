@@ -346,6 +346,7 @@ def test_cli_train(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["train", "--config", str(bad)]) == 2
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="loopback is 'lo' on Linux only")
 def test_two_rank_ddp_equals_one_process_on_the_same_global_batch(
     small: Path, tmp_path: Path
 ) -> None:
@@ -401,18 +402,22 @@ def test_yaml_exponent_floats_are_numbers(small: Path, tmp_path: Path) -> None:
     non-number must be refused naming the key."""
     cfg = tmp_path / "train.yaml"
     cfg.write_text(
-        f"manifest: {small}\nout_dir: {tmp_path / 'o'}\nlr: 1e-3\nmin_lr: 1e-6\n"
+        f"manifest: {small}\nout_dir: {tmp_path / 'o'}\nlr: 1e-3\nmin_lr: 1e-6\nsteps: 1e3\n"
         "model:\n  temperature_init: 7e-2\n  text:\n    layer_norm_eps: 1e-12\n",
         encoding="utf-8",
     )
     loaded = TrainConfig.from_yaml(cfg)
     assert loaded.lr == 1e-3 and loaded.min_lr == 1e-6
+    assert loaded.steps == 1000 and isinstance(loaded.steps, int)
     from fvlm_pacs.model.config import ModelConfig
 
     model = ModelConfig.from_dict(dict(loaded.model))  # type: ignore[arg-type]
     assert model.temperature_init == 0.07 and model.text.layer_norm_eps == 1e-12
     cfg.write_text(f"manifest: {small}\nout_dir: o\nlr: fast\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"train\.yaml\.lr: expected a number, got 'fast'"):
+        TrainConfig.from_yaml(cfg)
+    cfg.write_text(f"manifest: {small}\nout_dir: o\nbatch_size: 2.5\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"batch_size: expected a whole number, got 2\.5"):
         TrainConfig.from_yaml(cfg)
     with pytest.raises(ConfigError, match=r"text\.dropout: expected a number"):
         ModelConfig.from_dict({"text": {"dropout": "none"}})

@@ -1,8 +1,9 @@
 """Anatomy pooling: label map -> per-anatomy token selector -> one pooled, projected embedding.
 
 fVLM's point is that a sentence about the lung should be compared with lung tokens only. For each
-anatomy, its binary mask is max-pooled with kernel = stride = patch size, so a token is selected
-when any voxel of its patch belongs to the anatomy. The selected tokens of all four ViT levels are
+anatomy, its binary mask is max-pooled with kernel = stride = patch size (computed as an any()
+over each patch of the label map), so a token is selected when any voxel of its patch belongs to
+the anatomy. The selected tokens of all four ViT levels are
 concatenated along the token axis; a learned query token per anatomy attends to them through one
 shared multi-head attention (no residual), a per-anatomy Linear projects to the joint space, and
 the result is L2-normalised. An anatomy with no selected token gets a NaN row, so a missing organ

@@ -172,7 +172,7 @@ class ModelConfig:
         unknown = set(data) - top
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-        kwargs: dict[str, Any] = coerce_floats(
+        kwargs: dict[str, Any] = coerce_numbers(
             cls, {k: v for k, v in data.items() if k not in ("vision", "text")}, "model"
         )
         if "anatomies" in kwargs:
@@ -190,26 +190,36 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
-def coerce_floats(kind: type[Any], data: dict[str, Any], name: str) -> dict[str, Any]:
-    """``data`` with every value of a ``float`` field of dataclass ``kind`` made a float.
+def coerce_numbers(kind: type[Any], data: dict[str, Any], name: str) -> dict[str, Any]:
+    """``data`` with every value of a ``float`` or ``int`` field of dataclass ``kind`` checked
+    and converted.
 
     YAML 1.1 (PyYAML) reads ``1e-4`` — an exponent without a dot — as the STRING "1e-4", and a
     training or model config written by hand is full of such learning rates and epsilons; JSON
-    numbers like ``1`` arrive as ints. Anything that is not a number is a :class:`ConfigError`
-    naming the key, instead of a type error deep inside torch or transformers.
+    numbers like ``1`` arrive as ints, ``1e3`` as a float. Float fields take any number; int
+    fields take whole numbers only (``steps: 1e3`` is 1000, ``batch_size: 2.5`` is refused).
+    Anything else is a :class:`ConfigError` naming the key, instead of a type error deep inside
+    torch or transformers.
     """
     hints = get_type_hints(kind)
     out = dict(data)
     for key, value in data.items():
         hint = hints.get(key)
-        if hint not in (float, float | None) or value is None or isinstance(value, float):
+        want = (
+            float if hint in (float, float | None) else int if hint in (int, int | None) else None
+        )
+        if want is None or value is None:
             continue
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}.{key}: expected a number, got {value!r}")
-        try:
-            out[key] = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}.{key}: expected a number, got {value!r}") from None
+        number: float | None = None
+        if not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = None
+        if number is None or (want is int and not number.is_integer()):
+            kind_txt = "a whole number" if want is int else "a number"
+            raise ConfigError(f"{name}.{key}: expected {kind_txt}, got {value!r}")
+        out[key] = want(number) if want is float or not isinstance(value, int) else value
     return out
 
 
@@ -220,7 +230,7 @@ def _sub(kind: type[Any], data: Any, name: str) -> Any:
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown {name} config keys: {sorted(unknown)}")
-    return kind(**coerce_floats(kind, data, name))
+    return kind(**coerce_numbers(kind, data, name))
 
 
 def vit_b(anatomies: tuple[str, ...] = RELEASED_ANATOMIES) -> ModelConfig:

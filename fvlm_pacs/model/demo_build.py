@@ -24,7 +24,7 @@ from typing import Any
 
 from fvlm_pacs.evaluation import EvalReport, calibrate, evaluate, write_thresholds
 from fvlm_pacs.model.checkpoint import demo_model_dir
-from fvlm_pacs.model.config import tiny
+from fvlm_pacs.model.config import ModelConfig, tiny
 from fvlm_pacs.model.predictor import Predictor
 from fvlm_pacs.model.train import TrainConfig, train
 from fvlm_pacs.model.zeroshot_eval import dataset_split, part_manifest, score_cases
@@ -49,6 +49,12 @@ class DemoRecipe:
     (0: no network is shipped). ``vit_width`` is the ViT's hidden size (MLP 2×, 4 heads); the
     rest of the network is :func:`~fvlm_pacs.model.config.tiny`.
     """
+
+    def __post_init__(self) -> None:
+        # fail before minutes of phantom writing, not when training starts
+        data = self.model_config()
+        data["text"]["vocab_size"] = 1  # any size: only the shapes are checked here
+        ModelConfig.from_dict(data)
 
     def model_config(self) -> dict[str, Any]:
         """The network to train, as a model config without vocabulary size (the trainer fills

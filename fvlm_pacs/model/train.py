@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..errors import ConfigError
 from ..reports import normal_text
 from .checkpoint import load_model, save_model
-from .config import ModelConfig, TextConfig, coerce_floats, tiny, vit_b
+from .config import ModelConfig, TextConfig, coerce_numbers, tiny, vit_b
 from .dataset import LAYOUTS, NORMAL_WORDINGS, ManifestDataset, collate
 from .fvlm import FvlmModel
 from .losses import clip_image_embedding, clip_loss, fvlm_loss, gather_objects, gather_with_grad
@@ -172,8 +172,8 @@ class TrainConfig:
                 p = Path(str(data[key])).expanduser()
                 data[key] = p if p.is_absolute() else path.parent / p
         try:
-            return cls(**coerce_floats(cls, data, f"train config {path.name}"))
-        except TypeError as exc:
+            return cls(**coerce_numbers(cls, data, f"train config {path.name}"))
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"train config {path}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
