@@ -729,9 +729,14 @@ class Anatomy:
     ``label`` is its value in our anatomy label map and ``label - 1`` its index in the checkpoint
     (query token, projection head), so the order of a profile is the order of the weights.
     ``totalsegmentator`` lists the TotalSegmentator v2 ``total`` ids that make it up; ``code``
-    codes it as SEG Segmented Property Type and SR Finding Site. ``segment_codes`` are finer
-    codes that an incoming SEG may use for parts of it (a lung coded per lobe, the aorta per
-    segment): a segment coded with any of them counts for this anatomy. We never write them.
+    codes it as SEG Segmented Property Type and SR Finding Site.
+
+    How an incoming SEG that codes the anatomy in parts still gives it (we never write these):
+    ``part_sets`` are alternative complete sets of parts (left + right lung; the five lobes) —
+    the anatomy is taken from parts only when every member of one set is there, because one
+    lobe scored as "the lung" would report findings on an organ mostly never looked at;
+    ``additions`` are structures united into the anatomy once it is found (the left atrial
+    appendage into the heart, as the release groups them) that never stand for it alone.
     """
 
     name: str
@@ -740,12 +745,34 @@ class Anatomy:
     code: CodedConcept
     segmentation_category: CodedConcept = ANATOMICAL_STRUCTURE
     note: str = ""
-    segment_codes: tuple[CodedConcept, ...] = ()
+    part_sets: tuple[tuple[PartCode, ...], ...] = ()
+    additions: tuple[PartCode, ...] = ()
 
     @property
     def matching_codes(self) -> tuple[CodedConcept, ...]:
-        """Every Segmented Property Type that counts as this anatomy: its code, then the parts."""
-        return (self.code, *self.segment_codes)
+        """Every Segmented Property Type that may count for this anatomy: its own code, the
+        parts of its sets and its additions (each once)."""
+        found = [self.code]
+        for part in (*(p for ps in self.part_sets for p in ps), *self.additions):
+            if part.code not in found:
+                found.append(part.code)
+        return tuple(found)
+
+
+LATERALITIES = ("left", "right")
+"""Sides a part code may require, read from the SEG's Segmented Property Type Modifier."""
+
+
+@dataclass(frozen=True)
+class PartCode:
+    """A part of an anatomy as a SEG codes it: a concept, optionally on one side only (the side
+    given as a laterality modifier, as with the generic lobe codes)."""
+
+    code: CodedConcept
+    laterality: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code}" + (f" ({self.laterality})" if self.laterality else "")
 
 
 @dataclass(frozen=True)
@@ -941,8 +968,33 @@ def _parse_code(node: Any, table: str, where: str, key_path: str) -> CodedConcep
 _ANATOMY_TOP = frozenset({"version", "segmentation_category", "profiles"})
 _PROFILE_KEYS = frozenset({"description", "anatomies"})
 _ANATOMY_KEYS = frozenset(
-    {"name", "label", "totalsegmentator", "code", "segmentation_category", "note", "segment_codes"}
+    {
+        "name",
+        "label",
+        "totalsegmentator",
+        "code",
+        "segmentation_category",
+        "note",
+        "part_sets",
+        "additions",
+    }
 )
+
+
+def _parse_part(node: Any, table: str, where: str, key_path: str) -> PartCode:
+    """A code with an optional ``laterality`` (left | right)."""
+    if not isinstance(node, Mapping):
+        raise _mfail(table, where, key_path, "must be a mapping")
+    side = node.get("laterality")
+    if side is not None and side not in LATERALITIES:
+        raise _mfail(
+            table,
+            where,
+            f"{key_path}.laterality",
+            f"must be one of {', '.join(LATERALITIES)}, got {side!r}",
+        )
+    rest = {k: v for k, v in node.items() if k != "laterality"}
+    return PartCode(code=_parse_code(rest, table, where, key_path), laterality=side)
 
 
 def parse_anatomies(data: Any, source: str = "<memory>") -> dict[str, AnatomyTable]:
@@ -1030,28 +1082,54 @@ def _parse_profile(
         if not isinstance(note, str):
             raise _mfail(table, where, f"{kp}.note", "must be a string")
         code = _parse_code(node["code"], table, where, f"{kp}.code")
-        parts = node.get("segment_codes", [])
-        if not isinstance(parts, list):
-            raise _mfail(table, where, f"{kp}.segment_codes", "must be a list of codes")
-        segment_codes = tuple(
-            _parse_code(c, table, where, f"{kp}.segment_codes[{j}]") for j, c in enumerate(parts)
+        raw_sets = node.get("part_sets", [])
+        if not isinstance(raw_sets, list) or not all(isinstance(x, list) and x for x in raw_sets):
+            raise _mfail(
+                table, where, f"{kp}.part_sets", "must be a list of non-empty lists of codes"
+            )
+        part_sets = tuple(
+            tuple(
+                _parse_part(c, table, where, f"{kp}.part_sets[{i}][{j}]") for j, c in enumerate(ps)
+            )
+            for i, ps in enumerate(raw_sets)
         )
-        # A SEG segment must map to one anatomy: a code may appear once in the whole profile.
-        for j, c in enumerate((code, *segment_codes)):
-            where_kp = f"{kp}.code" if j == 0 else f"{kp}.segment_codes[{j - 1}]"
-            key = (c.value, c.scheme)
-            if key in code_owner:
+        raw_additions = node.get("additions", [])
+        if not isinstance(raw_additions, list):
+            raise _mfail(table, where, f"{kp}.additions", "must be a list of codes")
+        additions = tuple(
+            _parse_part(c, table, where, f"{kp}.additions[{j}]")
+            for j, c in enumerate(raw_additions)
+        )
+        # A SEG segment must map to one anatomy: a code belongs to one anatomy of the profile
+        # (the same part may sit in several sets of its own anatomy).
+        owned: list[tuple[str, tuple[str, str]]] = [(f"{kp}.code", (code.value, code.scheme))]
+        owned += [
+            (f"{kp}.part_sets[{i}][{j}]", (p.code.value, p.code.scheme))
+            for i, ps in enumerate(part_sets)
+            for j, p in enumerate(ps)
+        ]
+        owned += [
+            (f"{kp}.additions[{j}]", (p.code.value, p.code.scheme)) for j, p in enumerate(additions)
+        ]
+        for where_kp, key in owned:
+            owner_name = code_owner.setdefault(key, name)
+            if owner_name != name:
                 raise _mfail(
-                    table, where, where_kp, f"code {c} already counts for {code_owner[key]!r}"
+                    table,
+                    where,
+                    where_kp,
+                    f"code {key[0]} ({key[1]}) already counts for {owner_name!r}",
                 )
-            code_owner[key] = name
+        if code in {p.code for ps in part_sets for p in ps} | {p.code for p in additions}:
+            raise _mfail(table, where, f"{kp}.code", "the anatomy's own code cannot be a part")
         out.append(
             Anatomy(
                 name=name,
                 label=label,
                 totalsegmentator=tuple(ids),
                 code=code,
-                segment_codes=segment_codes,
+                part_sets=part_sets,
+                additions=additions,
                 segmentation_category=(
                     _parse_code(
                         node["segmentation_category"], table, where, f"{kp}.segmentation_category"
@@ -1208,7 +1286,8 @@ def check_mappings(directory: Path | None = None) -> list[str]:
     for pname, t in profiles.items():
         listing = ", ".join(
             f"{a.label} {a.name}"
-            + (f" +{len(a.segment_codes)} part codes" if a.segment_codes else "")
+            + (f" +{len(a.part_sets)} part sets" if a.part_sets else "")
+            + (f" +{len(a.additions)} additions" if a.additions else "")
             for a in t.anatomies
         )
         lines.append(f"anatomies.yaml: profile {pname}: {len(t.anatomies)} anatomies ({listing})")

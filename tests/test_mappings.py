@@ -264,28 +264,34 @@ ANATOMY_ERRORS = [
     ),
     (
         "part code of another anatomy",
-        lambda d: d["profiles"]["ct-rate"]["anatomies"][1]["segment_codes"].append(
+        lambda d: d["profiles"]["ct-rate"]["anatomies"][1]["additions"].append(
             {"scheme": "SCT", "value": "45653009", "meaning": "Upper lobe of lung"}
         ),
-        r"anatomies\[1\]\.segment_codes\[1\]: code \(45653009, SCT, 'Upper lobe of lung'\) "
-        r"already counts for 'lung'",
+        r"anatomies\[1\]\.additions\[1\]: code 45653009 \(SCT\) already counts for 'lung'",
     ),
     (
-        "part code equal to the anatomy's own",
+        "own code as a part",
         lambda d: d["profiles"]["ct-rate"]["anatomies"][2].update(
-            segment_codes=[{"scheme": "SCT", "value": "32849002", "meaning": "Esophagus"}]
+            part_sets=[[{"scheme": "SCT", "value": "32849002", "meaning": "Esophagus"}]]
         ),
-        r"anatomies\[2\]\.segment_codes\[0\]: code .* already counts for 'esophagus'",
+        r"anatomies\[2\]\.code: the anatomy's own code cannot be a part",
     ),
     (
-        "segment_codes not a list",
-        lambda d: d["profiles"]["ct-rate"]["anatomies"][0].update(segment_codes="lobes"),
-        r"anatomies\[0\]\.segment_codes: must be a list of codes",
+        "part_sets not a list of lists",
+        lambda d: d["profiles"]["ct-rate"]["anatomies"][0].update(part_sets=[[]]),
+        r"anatomies\[0\]\.part_sets: must be a list of non-empty lists of codes",
     ),
     (
         "bad part code",
-        lambda d: d["profiles"]["ct-rate"]["anatomies"][0]["segment_codes"][0].update(value="x"),
-        r"anatomies\[0\]\.segment_codes\[0\]\.value: SCT code must be digits only",
+        lambda d: d["profiles"]["ct-rate"]["anatomies"][0]["part_sets"][0][0].update(value="x"),
+        r"anatomies\[0\]\.part_sets\[0\]\[0\]\.value: SCT code must be digits only",
+    ),
+    (
+        "bad laterality",
+        lambda d: d["profiles"]["ct-rate"]["anatomies"][0]["part_sets"][1][0].update(
+            laterality="both"
+        ),
+        r"part_sets\[1\]\[0\]\.laterality: must be one of left, right, got 'both'",
     ),
     (
         "missing code",
@@ -441,8 +447,8 @@ def test_check_mappings_summarises_every_table() -> None:
     text = "\n".join(lines)
     assert "series_rules.yaml: 8 conditions" in text
     assert (
-        "profile ct-rate: 4 anatomies (1 lung +9 part codes, 2 heart +1 part codes, 3 esophagus, "
-        "4 aorta +5 part codes)"
+        "profile ct-rate: 4 anatomies (1 lung +2 part sets, 2 heart +1 additions, 3 esophagus, "
+        "4 aorta +2 part sets +1 additions)"
     ) in text
     assert "findings.yaml: profile ct-rate: 16 findings" in text
     assert "pulmonary_fibrotic_sequela" in text  # unverified codes are listed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def write_seg(
     *,
     frame_of_reference_uid: str | None = None,
     content_time: str | None = None,
+    sides: dict[int, str] | None = None,
 ) -> Path:
     """A BINARY SEG of ``labels`` (volume voxel order) over ``datasets``; one segment per
     (label text, property type, label value)."""
@@ -102,6 +104,12 @@ def write_seg(
         seg.FrameOfReferenceUID = frame_of_reference_uid
     if content_time is not None:
         seg["ContentTime"].value = content_time
+    for number, side in (sides or {}).items():  # laterality as a property type modifier
+        modifier = codes.SCT.Left if side == "left" else codes.SCT.Right
+        segment = seg.SegmentSequence[number - 1]
+        item = copy.deepcopy(segment.SegmentedPropertyTypeCodeSequence[0])  # may be shared
+        item.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(modifier)]
+        segment.SegmentedPropertyTypeCodeSequence = [item]
     seg.save_as(path)
     return path
 
@@ -142,6 +150,7 @@ def test_dicom_seg_gives_the_boxes_on_the_ct_grid(
         "seg_sop_instance_uid": written.SOPInstanceUID,
         "seg_series_instance_uid": written.SeriesInstanceUID,
         "segments": {"lung": [1], "heart": [2]},
+        "matched_by": {"lung": "code", "heart": "code"},
     }
 
 
@@ -180,29 +189,93 @@ def test_segment_label_fallback(tmp_path: Path, table: AnatomyTable) -> None:
         DicomSegProvider(table, match_segment_labels=False).segment(volume, [seg])
 
 
-def test_lobe_coded_seg_unites_into_the_lung(tmp_path: Path, table: AnatomyTable) -> None:
-    """A SEG coding the lungs per lobe (codes from ``segment_codes``, side given only by a
-    laterality modifier, if at all) yields the same label map as one
-    coded "Lung"; the heart's own code still wins for the heart."""
+UPPER = hd.sr.CodedConcept("45653009", "SCT", "Upper lobe of lung")
+MIDDLE = hd.sr.CodedConcept("72481006", "SCT", "Middle lobe of right lung")
+LOWER = hd.sr.CodedConcept("90572001", "SCT", "Lower lobe of lung")
+HEART = hd.sr.CodedConcept("80891009", "SCT", "Heart")
+
+
+def lobes_study(tmp_path: Path, table: AnatomyTable) -> tuple[list[Dataset], Volume, np.ndarray]:
+    """The boxes study with each lung split into lobes: values 11–13 right (upper, middle,
+    lower), 21–22 left (upper, lower); heart as in :func:`boxes`."""
+    datasets, volume, _ = make_study(tmp_path)
+    expected = boxes(table)
+    lung = expected == table.label_of("lung")
+    right = (np.arange(COLS) < 25)[None, None, :]
+    z = np.arange(N)[:, None, None]
+    lobes = np.where(lung, 0, expected)
+    lobes[lung & right & (z < 8)] = 11
+    lobes[lung & right & (z >= 8) & (z < 13)] = 12
+    lobes[lung & right & (z >= 13)] = 13
+    lobes[lung & ~right & (z < 10)] = 21
+    lobes[lung & ~right & (z >= 10)] = 22
+    return datasets, volume, lobes
+
+
+def test_five_lobes_with_sides_give_the_lung(tmp_path: Path, table: AnatomyTable) -> None:
+    """A SEG coding the lungs per lobe with the generic lobe codes and the side as a modifier
+    completes the lung's lobe set: the same label map as a SEG coding "Lung"."""
+    datasets, volume, lobes = lobes_study(tmp_path, table)
+    heart = table.label_of("heart")
+    segs = [
+        ("RUL", UPPER, 11), ("RML", MIDDLE, 12), ("RLL", LOWER, 13),
+        ("LUL", UPPER, 21), ("LLL", LOWER, 22), ("Heart", HEART, heart),
+    ]  # fmt: skip
+    sides = {1: "right", 3: "right", 4: "left", 5: "left"}
+    seg = write_seg(datasets, volume, lobes, segs, tmp_path / "lobes.dcm", sides=sides)
+    result = DicomSegProvider(table, match_segment_labels=False).segment(volume, [seg])
+    np.testing.assert_array_equal(result.array, boxes(table))
+    assert result.provenance["matched_by"] == {"lung": "part set 2", "heart": "code"}
+
+
+def test_an_incomplete_set_of_parts_is_not_the_organ(tmp_path: Path, table: AnatomyTable) -> None:
+    """Four of five lobes (or lobes without their sides) are not the lung: the lung stays
+    absent — not assessable downstream — and the reason is recorded; the heart is still used."""
+    datasets, volume, lobes = lobes_study(tmp_path, table)
+    heart = table.label_of("heart")
+    segs = [
+        ("RUL", UPPER, 11), ("RML", MIDDLE, 12), ("RLL", LOWER, 13),
+        ("LUL", UPPER, 21), ("Heart", HEART, heart),
+    ]  # fmt: skip
+    sides = {1: "right", 3: "right", 4: "left"}
+    seg = write_seg(datasets, volume, lobes, segs, tmp_path / "four.dcm", sides=sides)
+    result = DicomSegProvider(table).segment(volume, [seg])
+    np.testing.assert_array_equal(result.array, np.where(boxes(table) == heart, heart, 0))
+    assert "no complete set of parts" in result.provenance["not_used"]["lung"]
+    # all five lobes but no side given: which upper lobe is which cannot be told
+    segs = [
+        ("RUL", UPPER, 11),
+        ("RML", MIDDLE, 12),
+        ("RLL", LOWER, 13),
+        ("LUL", UPPER, 21),
+        ("LLL", LOWER, 22),
+        ("Lung", HEART, heart),
+    ]  # fmt: skip  (labelled "Lung" but coded Heart: a known code beats the label)
+    seg = write_seg(datasets, volume, lobes, segs, tmp_path / "nosides.dcm")
+    result = DicomSegProvider(table).segment(volume, [seg])
+    assert not (result.array == table.label_of("lung")).any()
+
+
+def test_left_and_right_lung_and_additions(tmp_path: Path, table: AnatomyTable) -> None:
+    """Left + right lung complete the lung; the left atrial appendage joins the heart when the
+    heart is there and never stands for it alone; the legacy SRT designator counts as SCT."""
     datasets, volume, _ = make_study(tmp_path)
     expected = boxes(table)
     lung, heart = table.label_of("lung"), table.label_of("heart")
-    lobes = expected.copy()
-    lobes[(expected == lung) & (np.arange(COLS) < 25)[None, None, :]] = 11  # right lung
-    lobes[(expected == lung) & (np.arange(N) < 10)[:, None, None]] += 20  # upper parts
-    upper = hd.sr.CodedConcept("45653009", "SCT", "Upper lobe of lung")
-    lower = hd.sr.CodedConcept("90572001", "SCT", "Lower lobe of lung")
-    segs = [
-        ("Right upper lobe", upper, 31),
-        ("Right lower lobe", lower, 11),
-        ("Left upper lobe", upper, lung + 20),
-        ("Left lower lobe", lower, lung),
-        ("Heart", hd.sr.CodedConcept("80891009", "SCT", "Heart"), heart),
-    ]
-    assert set(np.unique(lobes)) == {0, heart, lung, lung + 20, 11, 31}
-    seg = write_seg(datasets, volume, lobes, segs, tmp_path / "lobes.dcm")
-    result = DicomSegProvider(table, match_segment_labels=False).segment(volume, [seg])
+    labels = expected.copy()
+    labels[(expected == lung) & (np.arange(COLS) < 25)[None, None, :]] = 11
+    labels[(expected == heart) & (np.arange(N) < 10)[:, None, None]] = 7  # appendage
+    left = hd.sr.CodedConcept("44029006", "SRT", "Left lung")
+    right = hd.sr.CodedConcept("3341006", "SCT", "Right lung")
+    appendage = hd.sr.CodedConcept("33626005", "SCT", "Left auricular appendage")
+    segs = [("L", left, lung), ("R", right, 11), ("H", HEART, heart), ("LAA", appendage, 7)]
+    seg = write_seg(datasets, volume, labels, segs, tmp_path / "lr.dcm")
+    result = DicomSegProvider(table).segment(volume, [seg])
     np.testing.assert_array_equal(result.array, expected)
+    assert result.provenance["segments"] == {"lung": [1, 2], "heart": [3, 4]}
+    only = write_seg(datasets, volume, labels, [("LAA", appendage, 7)], tmp_path / "laa.dcm")
+    with pytest.raises(SegmentationUnavailable, match="heart: only part"):
+        DicomSegProvider(table).segment(volume, [only])
 
 
 def test_unknown_codes_only(tmp_path: Path, table: AnatomyTable) -> None:

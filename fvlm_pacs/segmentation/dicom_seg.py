@@ -9,10 +9,12 @@ Which SEG, and which segments:
   UID is the CT volume's (a SEG in another frame of reference cannot be placed on the CT). If the
   CT has no Frame of Reference UID, a SEG must instead reference one of the volume's instances.
 * A segment belongs to an anatomy when its Segmented Property Type (Code Value + Coding Scheme
-  Designator; Code Meaning is free text and ignored) equals the anatomy's code in
-  ``mappings/anatomies.yaml`` or one of its ``segment_codes`` (parts: lung lobes, aortic
-  segments). Several segments of one anatomy (left and right lung, five lobes) are united;
-  modifiers such as laterality are not needed for that and are ignored.
+  Designator, SRT read as SCT; Code Meaning is free text and ignored) equals the anatomy's code
+  in ``mappings/anatomies.yaml``. A SEG that codes the anatomy only in parts gives it when one
+  of the anatomy's ``part_sets`` is complete (left + right lung; the five lobes, the side read
+  from the Segmented Property Type Modifier): one lobe alone is not the lung, so the anatomy
+  then stays absent (not assessable) and the reason is logged and recorded. ``additions`` (the
+  left atrial appendage) are united into an anatomy once found, never standing for it.
   Fallback (``match_segment_labels``, on by default): a segment whose code matches no anatomy but
   whose Segment Label, normalised (case, spaces, hyphens), equals an anatomy name ("Lung",
   "heart") counts for that anatomy — segmenters that use private or finer codes still label
@@ -44,7 +46,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import SegmentationStorage
 
-from fvlm_pacs.codes import AnatomyTable
+from fvlm_pacs.codes import AnatomyTable, CodedConcept
 from fvlm_pacs.domain import LabelMap, Volume
 from fvlm_pacs.segmentation.base import SegmentationUnavailable
 from fvlm_pacs.segmentation.grid import merge_anatomy_masks, place_on_grid
@@ -62,10 +64,40 @@ def _normalise_label(label: str) -> str:
     return _NOT_NAME.sub("_", label.strip().lower()).strip("_")
 
 
+_SCHEME_ALIASES = {"SRT": "SCT"}
+"""Legacy designator of SNOMED CT (older DICOM SEGs write SRT)."""
+
+_SIDES = {("7771000", "SCT"): "left", ("24028007", "SCT"): "right"}
+"""Laterality modifiers (SNOMED CT Left / Right, DICOM PS3.16 CID 244)."""
+
+
+def _laterality(code_item: Dataset) -> str | None:
+    for mod in code_item.get("SegmentedPropertyTypeModifierCodeSequence", []):
+        scheme = str(mod.get("CodingSchemeDesignator", ""))
+        side = _SIDES.get((str(mod.get("CodeValue", "")), _SCHEME_ALIASES.get(scheme, scheme)))
+        if side is not None:
+            return side
+    return None
+
+
+@dataclass(frozen=True)
+class SegmentMatch:
+    """How one SEG's segments map to anatomies.
+
+    ``segments``: anatomy → segment numbers united into it; ``how``: anatomy → ``code``,
+    ``part set N`` or ``segment label``; ``incomplete``: anatomy → why parts that were present
+    were not used (no complete set: the anatomy stays absent, i.e. not assessable).
+    """
+
+    segments: dict[str, tuple[int, ...]]
+    how: dict[str, str]
+    incomplete: dict[str, str]
+
+
 @dataclass(frozen=True)
 class _Candidate:
     path: Path
-    segments: dict[str, tuple[int, ...]]  # anatomy name → segment numbers
+    match: SegmentMatch
     order_key: tuple[str, str, int, int, str]
 
 
@@ -77,43 +109,74 @@ class DicomSegProvider:
     def __init__(self, table: AnatomyTable, *, match_segment_labels: bool = True) -> None:
         self.table = table
         self.match_segment_labels = match_segment_labels
-        self._by_code = {
-            (c.value, c.scheme): a.name for a in table.anatomies for c in a.matching_codes
-        }
         self._by_label = {a.name: a.name for a in table.anatomies}
 
     # -- choosing ---------------------------------------------------------------------------
 
-    def segments_of(self, header: Dataset) -> dict[str, tuple[int, ...]]:
-        """Anatomy name → numbers of the SEG's segments that code it (see module docstring)."""
-        by_code: dict[str, list[int]] = {}
-        by_label: dict[str, list[int]] = {}
+    def match(self, header: Dataset) -> SegmentMatch:
+        """Which of the SEG's segments give which anatomy, and how (see module docstring)."""
+        coded: list[tuple[int, tuple[str, str], str | None, str]] = []
         for item in header.get("SegmentSequence", []):
             number = int(item.get("SegmentNumber", 0))
             codes = item.get("SegmentedPropertyTypeCodeSequence", [])
-            code = (
-                (
-                    str(codes[0].get("CodeValue") or codes[0].get("LongCodeValue") or ""),
-                    str(codes[0].get("CodingSchemeDesignator", "")),
-                )
-                if codes
-                else ("", "")
-            )
-            anatomy = self._by_code.get(code)
-            if anatomy is not None:
-                by_code.setdefault(anatomy, []).append(number)
+            key, side = ("", ""), None
+            if codes:
+                value = str(codes[0].get("CodeValue") or codes[0].get("LongCodeValue") or "")
+                scheme = str(codes[0].get("CodingSchemeDesignator", ""))
+                key = (value, _SCHEME_ALIASES.get(scheme, scheme))
+                side = _laterality(codes[0])
+            coded.append((number, key, side, str(item.get("SegmentLabel", ""))))
+
+        def numbers(code: CodedConcept, laterality: str | None = None) -> list[int]:
+            return [
+                n
+                for n, key, side, _ in coded
+                if key == (code.value, code.scheme) and (laterality is None or side == laterality)
+            ]
+
+        segments: dict[str, tuple[int, ...]] = {}
+        how: dict[str, str] = {}
+        incomplete: dict[str, str] = {}
+        for anatomy in self.table.anatomies:
+            found = numbers(anatomy.code)
+            via = "code" if found else ""
+            for i, part_set in enumerate(anatomy.part_sets):
+                members = [numbers(p.code, p.laterality) for p in part_set]
+                if all(members):
+                    found += [n for m in members for n in m]
+                    via = via or f"part set {i + 1}"
+            if found:
+                found += [n for p in anatomy.additions for n in numbers(p.code, p.laterality)]
+                segments[anatomy.name] = tuple(sorted(set(found)))
+                how[anatomy.name] = via
                 continue
-            if self.match_segment_labels:
-                anatomy = self._by_label.get(_normalise_label(str(item.get("SegmentLabel", ""))))
-                if anatomy is not None:
-                    by_label.setdefault(anatomy, []).append(number)
-        out = {name: tuple(nums) for name, nums in by_code.items()}
-        for name, nums in by_label.items():
-            if name in out:
-                logger.info("anatomy %s: coded segments found, label-only segments ignored", name)
-            else:
-                out[name] = tuple(nums)
-        return out
+            parts = [
+                str(p)
+                for p in (*(q for ps in anatomy.part_sets for q in ps), *anatomy.additions)
+                if numbers(p.code, p.laterality)
+            ]
+            if parts:
+                incomplete[anatomy.name] = (
+                    f"only part(s) {', '.join(parts)}: no complete set of parts, not used"
+                )
+        if self.match_segment_labels:
+            # only segments whose code means nothing to the table: a lobe labelled "Lung" must
+            # not become the lung through the back door
+            known = {(c.value, c.scheme) for a in self.table.anatomies for c in a.matching_codes}
+            for number, key, _, label in coded:
+                anatomy_name = self._by_label.get(_normalise_label(label))
+                if anatomy_name is None or key in known:
+                    continue
+                if anatomy_name in segments:
+                    logger.info(
+                        "anatomy %s: coded segments found, label-only segments ignored",
+                        anatomy_name,
+                    )
+                    continue
+                segments[anatomy_name] = (number,)
+                how[anatomy_name] = "segment label"
+                incomplete.pop(anatomy_name, None)
+        return SegmentMatch(segments=segments, how=how, incomplete=incomplete)
 
     def _candidates(
         self, volume: Volume, study_paths: Sequence[Path]
@@ -148,8 +211,10 @@ class DicomSegProvider:
                     f"is not the CT's {volume.frame_of_reference_uid or '(none)'}"
                 )
                 continue
-            segments = self.segments_of(header)
-            if not segments:
+            match = self.match(header)
+            for name, why in match.incomplete.items():
+                logger.info("SEG %s: anatomy %s: %s", sop, name, why)
+            if not match.segments:
                 codes = sorted(
                     {
                         f"({c.get('CodeValue', '')}, {c.get('CodingSchemeDesignator', '')})"
@@ -157,9 +222,11 @@ class DicomSegProvider:
                         for c in item.get("SegmentedPropertyTypeCodeSequence", [])
                     }
                 )
+                partial = "; ".join(f"{n}: {w}" for n, w in match.incomplete.items())
                 rejected.append(
                     f"SEG {sop}: no segment codes an anatomy of profile {self.table.profile} "
                     f"(segment codes: {', '.join(codes) or 'none'})"
+                    + (f"; {partial}" if partial else "")
                 )
                 continue
             key = (
@@ -169,7 +236,7 @@ class DicomSegProvider:
                 int(header.get("SeriesNumber", 0) or 0),
                 path.name,
             )
-            found.append(_Candidate(path, segments, key))
+            found.append(_Candidate(path, match, key))
         found.sort(key=lambda c: c.order_key, reverse=True)
         return found, rejected
 
@@ -215,18 +282,21 @@ class DicomSegProvider:
 
     def _read(self, cand: _Candidate, volume: Volume) -> LabelMap:
         seg = hd.seg.segread(cand.path)
-        numbers = sorted({n for nums in cand.segments.values() for n in nums})
+        segments = cand.match.segments
+        numbers = sorted({n for nums in segments.values() for n in nums})
         channels = self._channels_on_grid(seg, numbers, volume)
         masks = {
             name: np.logical_or.reduce([channels[n] for n in nums])
-            for name, nums in cand.segments.items()
+            for name, nums in segments.items()
         }
         merged = merge_anatomy_masks(masks, self.table, volume.array.shape[:3], self.name)
         merged.provenance.update(
             {
                 "seg_sop_instance_uid": str(seg.SOPInstanceUID),
                 "seg_series_instance_uid": str(seg.SeriesInstanceUID),
-                "segments": {name: list(nums) for name, nums in cand.segments.items()},
+                "segments": {name: list(nums) for name, nums in segments.items()},
+                "matched_by": dict(cand.match.how),
+                **({"not_used": dict(cand.match.incomplete)} if cand.match.incomplete else {}),
             }
         )
         return merged
