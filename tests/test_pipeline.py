@@ -62,6 +62,7 @@ def check_findings(result: dict) -> None:
         "seg_sop_instance_uid",
         "seg_series_instance_uid",
         "segments",
+        "matched_by",
     }
     # triage is stored with the result and agrees with the findings it was made from
     triage = result["triage"]
