@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -363,7 +364,14 @@ def test_totalsegmentator_matches_dicom_seg(tmp_path: Path, table: AnatomyTable)
     from_ts = provider.segment(volume, paths)
     assert isinstance(from_ts, LabelMap)
     assert from_ts.source == "totalsegmentator"
-    assert from_ts.provenance == {"task": "total", "fast": False, "tasks": list(TOTAL_TASK_IDS)}
+    empty = hashlib.sha256(b"").hexdigest()  # the fake weights files are empty
+    assert from_ts.provenance == {
+        "task": "total",
+        "fast": False,
+        "tasks": list(TOTAL_TASK_IDS),
+        "version": None,  # the package is not installed here (the runner is a stand-in)
+        "weights_sha256": {str(t): empty for t in TOTAL_TASK_IDS},
+    }
     assert from_ts.anatomies == from_seg.anatomies
     np.testing.assert_array_equal(from_ts.array, from_seg.array)
     image, affine = calls[0]

@@ -26,6 +26,7 @@ conversions are tested without TotalSegmentator; the real call lives in :func:`r
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -41,6 +42,7 @@ import numpy as np
 from fvlm_pacs.codes import AnatomyTable
 from fvlm_pacs.domain import LabelMap, Volume
 from fvlm_pacs.geometry import LPS_TO_RAS
+from fvlm_pacs.model.checkpoint import sha256_file
 from fvlm_pacs.segmentation.base import SegmentationUnavailable
 from fvlm_pacs.segmentation.grid import place_on_grid
 
@@ -127,6 +129,7 @@ class TotalSegmentatorProvider:
         self.device = device
         self.fast = fast
         self._runner = runner
+        self._identity: dict[str, Any] | None = None
 
     @property
     def task_ids(self) -> tuple[int, ...]:
@@ -166,6 +169,29 @@ class TotalSegmentatorProvider:
             )
         return self.weights_dir
 
+    def identity(self, weights: Path) -> dict[str, Any]:
+        """What a result records about this segmenter: tasks, package version and the sha256
+        of each task's weights file (hashed once per process: the files are large)."""
+        if self._identity is None:
+            try:
+                version: str | None = importlib.metadata.version("TotalSegmentator")
+            except importlib.metadata.PackageNotFoundError:
+                version = None
+            hashes = {
+                str(t): sha256_file(
+                    next(weights.glob(f"Dataset{t}_*/*/fold_*/checkpoint_final.pth"))
+                )
+                for t in self.task_ids
+            }
+            self._identity = {
+                "task": "total",
+                "fast": self.fast,
+                "tasks": list(self.task_ids),
+                "version": version,
+                "weights_sha256": hashes,
+            }
+        return self._identity
+
     def segment(self, volume: Volume, study_paths: Sequence[Path]) -> LabelMap:
         weights = self.check()
         image, affine = volume_to_nifti(volume)
@@ -181,7 +207,7 @@ class TotalSegmentatorProvider:
             array=grouped,
             anatomies=self.table.names,
             source=self.name,
-            provenance={"task": "total", "fast": self.fast, "tasks": list(self.task_ids)},
+            provenance=self.identity(weights),
         )
 
 
