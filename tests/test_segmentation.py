@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -322,6 +323,13 @@ def test_overlap_smaller_anatomy_wins(table: AnatomyTable) -> None:
 # --- TotalSegmentator -----------------------------------------------------------------------
 
 
+def installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def fake_weights(root: Path, task_ids: Sequence[int] = TOTAL_TASK_IDS) -> Path:
     for t in task_ids:
         fold = (
@@ -369,7 +377,7 @@ def test_totalsegmentator_matches_dicom_seg(tmp_path: Path, table: AnatomyTable)
         "task": "total",
         "fast": False,
         "tasks": list(TOTAL_TASK_IDS),
-        "version": None,  # the package is not installed here (the runner is a stand-in)
+        "version": installed_version("TotalSegmentator"),  # None where not installed
         "weights_sha256": {str(t): empty for t in TOTAL_TASK_IDS},
     }
     assert from_ts.anatomies == from_seg.anatomies
