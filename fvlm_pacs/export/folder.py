@@ -19,7 +19,7 @@ from fvlm_pacs import config
 from fvlm_pacs.domain import InstanceRef
 from fvlm_pacs.errors import ExportError, InvalidInstance
 from fvlm_pacs.export.base import Outgoing
-from fvlm_pacs.ingest.intake import parse_header
+from fvlm_pacs.ingest.header import parse_header
 from fvlm_pacs.ingest.spool import FolderSpool
 
 log = logging.getLogger(__name__)
