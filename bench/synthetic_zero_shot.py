@@ -194,6 +194,25 @@ def score_train_grid(
     return {d.name: s[:, j] for j, d in enumerate(defs)}
 
 
+def finished_run(run_dir: Path, cfg: TrainConfig) -> tuple[Path, float] | None:
+    """(model folder, training seconds) of a kept run that reached ``cfg.steps`` with exactly
+    ``cfg``'s settings (as the checkpoint stores them), else None."""
+    ckpt_path, model_dir, log_path = (
+        run_dir / "checkpoint.pt",
+        run_dir / "model",
+        run_dir / "train_log.csv",
+    )
+    if not (ckpt_path.is_file() and model_dir.is_dir() and log_path.is_file()):
+        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    same = ckpt.get("config") == {k: str(v) for k, v in cfg.to_dict().items()}
+    if not same or int(ckpt.get("step", -1)) != cfg.steps:
+        return None
+    with log_path.open(newline="", encoding="utf-8") as fh:
+        last = list(csv.DictReader(fh))[-1]
+    return model_dir, float(last["seconds"])
+
+
 def mean_offdiag(x: torch.Tensor) -> torch.Tensor:
     """Mean cosine over distinct pairs of the rows of ``x`` (L2-normalised)."""
     n = x.shape[0]
@@ -294,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, from {','.join(ALL_VARIANTS)} (fvlm-diag: bench-local ablation)",
     )
     ap.add_argument("--keep", action="store_true", help="keep trained models and caches")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="skip training a variant whose kept run (--keep) finished with identical settings",
+    )
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(ALL_VARIANTS))
@@ -341,8 +365,6 @@ def main(argv: list[str] | None = None) -> int:
     templates = [normal_text(d.anatomy) for d in defs]
     for variant in [v for v in variants if v in MODEL_VARIANTS]:
         run_dir = out / "runs" / variant
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # never resume a stale checkpoint of other settings
         cfg = TrainConfig(
             manifest=train_m,
             out_dir=run_dir,
@@ -363,9 +385,16 @@ def main(argv: list[str] | None = None) -> int:
             device="cpu",
             name=f"bench-{variant}",
         )
-        t0 = time.perf_counter()
-        model_dir = train(cfg)
-        train_s = time.perf_counter() - t0
+        done = finished_run(run_dir, cfg) if args.reuse else None
+        if done is not None:
+            model_dir, train_s = done
+            print(f"re-using the finished {variant} run in {run_dir} (same settings)")
+        else:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # never resume a stale checkpoint of other settings
+            t0 = time.perf_counter()
+            model_dir = train(cfg)
+            train_s = time.perf_counter() - t0
         vocab[variant] = (run_dir / "tokenizer" / "vocab.txt").read_text(encoding="utf-8")
         with (run_dir / "train_log.csv").open(newline="", encoding="utf-8") as fh:
             last = list(csv.DictReader(fh))[-1]
