@@ -183,10 +183,14 @@ def test_segment_label_fallback(tmp_path: Path, table: AnatomyTable) -> None:
     datasets, volume, _ = make_study(tmp_path)
     expected = boxes(table)
     private = hd.sr.CodedConcept("L1", "99TEST", "Private lung")
-    segs = [("Lung", private, table.label_of("lung"))]
-    seg = write_seg(datasets, volume, expected, segs, tmp_path / "seg.dcm")
+    lung = table.label_of("lung")
+    labels = expected.copy()
+    labels[(expected == lung) & (np.arange(COLS) < 25)[None, None, :]] = 11  # the other lung
+    segs = [("Lung", private, lung), ("lung", private, 11)]  # both sides labelled "Lung"
+    seg = write_seg(datasets, volume, labels, segs, tmp_path / "seg.dcm")
     result = DicomSegProvider(table).segment(volume, [seg])
-    np.testing.assert_array_equal(result.array, np.where(expected == 1, 1, 0))
+    np.testing.assert_array_equal(result.array, np.where(expected == lung, lung, 0))
+    assert result.provenance["matched_by"] == {"lung": "segment label"}
     with pytest.raises(SegmentationUnavailable, match="99TEST"):
         DicomSegProvider(table, match_segment_labels=False).segment(volume, [seg])
 

@@ -163,17 +163,19 @@ class DicomSegProvider:
             # only segments whose code means nothing to the table: a lobe labelled "Lung" must
             # not become the lung through the back door
             known = {(c.value, c.scheme) for a in self.table.anatomies for c in a.matching_codes}
+            by_label: dict[str, list[int]] = {}
             for number, key, _, label in coded:
                 anatomy_name = self._by_label.get(_normalise_label(label))
-                if anatomy_name is None or key in known:
-                    continue
+                if anatomy_name is not None and key not in known:
+                    by_label.setdefault(anatomy_name, []).append(number)
+            for anatomy_name, label_numbers in by_label.items():
                 if anatomy_name in segments:
                     logger.info(
                         "anatomy %s: coded segments found, label-only segments ignored",
                         anatomy_name,
                     )
                     continue
-                segments[anatomy_name] = (number,)
+                segments[anatomy_name] = tuple(sorted(label_numbers))
                 how[anatomy_name] = "segment label"
                 incomplete.pop(anatomy_name, None)
         return SegmentMatch(segments=segments, how=how, incomplete=incomplete)
