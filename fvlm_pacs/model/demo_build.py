@@ -64,9 +64,9 @@ class DemoRecipe:
         del data["text"]["vocab_size"]
         return data
 
-    cases: int = 160
+    cases: int = 240
     seed: int = 0
-    steps: int = 600
+    steps: int = 2000
     batch_size: int = 8
     lr: float = 1e-3
     patch_lr_scale: float = 0.01
@@ -283,7 +283,7 @@ def segmentation_section(metrics: dict[str, Any] | None, timings: dict[str, floa
 def limits(mean_auc: float | None) -> str:
     """The model card's warning, worded from the measured mean AUC rather than hoped for."""
     base = (
-        "Trained from scratch for minutes on a CPU, on phantoms, with a small batch; the ViT's "
+        "Trained from scratch on a CPU (wall time above), on phantoms, with a small batch; the ViT's "
         "patch convolution learns 100x slower than the rest (patch_lr_scale), without which "
         "from-scratch training collapses every anatomy embedding to one vector. "
     )
