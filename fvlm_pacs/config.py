@@ -170,6 +170,12 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, wait this long for running jobs before releasing."
     )
+    export_lease_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A sending export whose lease (renewed while it sends) is older is claimed "
+        "again: how soon a crash mid-send is retried.",
+    )
     export_max_attempts: int = Field(
         10, ge=1, description="Attempts per (result, destination) before the export is dead."
     )

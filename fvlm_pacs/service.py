@@ -180,7 +180,7 @@ def make_export_worker(parts: Parts) -> ExportWorker:
     return ExportWorker(
         parts.exports,
         destinations,
-        lease_seconds=parts.settings.job_lease_seconds,
+        lease_seconds=parts.settings.export_lease_seconds,
         poll_seconds=min(1.0, parts.settings.resolved_sweep_interval),
         metrics=parts.metrics,
     )

@@ -126,7 +126,7 @@ def worker_for(parts: Parts, *destinations: Any, clock_offset: float = 0.0) -> E
     return ExportWorker(
         parts.exports,
         {d.name: d for d in destinations},
-        lease_seconds=parts.settings.job_lease_seconds,
+        lease_seconds=parts.settings.export_lease_seconds,
         poll_seconds=0.05,
         metrics=parts.metrics,
     )
@@ -263,7 +263,11 @@ def test_superseded_result_is_still_exported(
 def test_a_send_interrupted_by_a_crash_is_recovered(
     make_parts: Callable[..., Parts], tmp_path: Path
 ) -> None:
-    parts = make_parts(destinations=[folder("dir", tmp_path / "dest")], job_lease_seconds=30)
+    parts = make_parts(
+        destinations=[folder("dir", tmp_path / "dest")],
+        export_lease_seconds=30,
+        job_lease_seconds=3600,  # the export lease, not the job lease, governs sends
+    )
     _, study, _ = store_result(parts)
     queue = parts.exports
     queue.clock = at(0)
@@ -288,7 +292,10 @@ def test_lease_expiry_on_the_last_attempt_is_dead(
     make_parts: Callable[..., Parts], tmp_path: Path
 ) -> None:
     parts = make_parts(
-        destinations=[folder("dir", tmp_path / "dest")], export_max_attempts=1, job_lease_seconds=5
+        destinations=[folder("dir", tmp_path / "dest")],
+        export_max_attempts=1,
+        export_lease_seconds=5,
+        job_lease_seconds=3600,
     )
     store_result(parts)
     parts.exports.clock = at(0)
@@ -300,7 +307,11 @@ def test_lease_expiry_on_the_last_attempt_is_dead(
 
 
 def test_renew_keeps_the_lease(make_parts: Callable[..., Parts], tmp_path: Path) -> None:
-    parts = make_parts(destinations=[folder("dir", tmp_path / "dest")], job_lease_seconds=30)
+    parts = make_parts(
+        destinations=[folder("dir", tmp_path / "dest")],
+        export_lease_seconds=30,
+        job_lease_seconds=3600,  # the export lease, not the job lease, governs sends
+    )
     store_result(parts)
     queue = parts.exports
     queue.clock = at(0)

@@ -96,7 +96,7 @@ class ExportQueue:
     @classmethod
     def from_settings(cls, sessions: sessionmaker[Session], settings: Settings) -> ExportQueue:
         """The queue for the configured destinations. Output paths in result payloads are
-        relative to ``<data_dir>/outputs``; a sending row's lease is ``job_lease_seconds``."""
+        relative to ``<data_dir>/outputs``; a sending row's lease is ``export_lease_seconds``."""
         return cls(
             sessions,
             destinations=[d.name for d in settings.destinations],
@@ -104,7 +104,7 @@ class ExportQueue:
             max_attempts=settings.export_max_attempts,
             backoff_seconds=settings.export_backoff_seconds,
             backoff_max_seconds=settings.export_backoff_max_seconds,
-            lease_seconds=settings.job_lease_seconds,
+            lease_seconds=settings.export_lease_seconds,
         )
 
     def enqueue_result(self, session: Session, result: Result) -> None:
