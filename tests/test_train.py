@@ -347,26 +347,27 @@ def test_cli_train(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="loopback is 'lo' on Linux only")
+@pytest.mark.parametrize("objective", ["fvlm", "fvlm-coteach"])
 def test_two_rank_ddp_equals_one_process_on_the_same_global_batch(
-    small: Path, tmp_path: Path
+    small: Path, tmp_path: Path, objective: str
 ) -> None:
     """``torchrun`` with 2 CPU ranks (gloo, loopback) × batch 2 trains the same model as one
     process × batch 4: same samples and augmentation draws per step (StepBatches), embeddings
     all-gathered into one loss, DDP averaging the gradients. Dropout is off so both runs consume
-    no randomness that depends on how the batch is split."""
+    no randomness that depends on how the batch is split. Co-teaching wraps both networks."""
     from fvlm_pacs.model.config import tiny
 
     model = tiny(vocab_size=300).to_dict()
     model["pool_dropout"] = 0.0
     model["text"]["dropout"] = 0.0
     single = tmp_path / "single"
-    train(config(small, single, steps=3, batch_size=4, model=model))
+    train(config(small, single, steps=3, batch_size=4, model=model, objective=objective))
 
     ddp = tmp_path / "ddp"
     settings = dict(
         manifest=str(small), out_dir=str(ddp), crop=list(CROP), steps=3, batch_size=2, lr=1e-3,
         warmup_steps=2, log_every=1, checkpoint_every=100, seed=0, vocab_size=300, model=model,
-        device="cpu",
+        device="cpu", objective=objective,
     )  # fmt: skip
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(json.dumps(settings), encoding="utf-8")  # JSON is YAML
