@@ -363,6 +363,18 @@ def create_app(ctx: AppContext) -> FastAPI:
             row = session.execute(_exports_query().where(Export.id == export_id)).one()
         return export_json(*row)
 
+    @app.post("/api/exports/{export_id}/cancel")
+    def cancel_export(export_id: int, actor: Actor) -> dict[str, Any]:
+        try:
+            exports.cancel(export_id, actor=f"api:{actor}")
+        except KeyError:
+            raise HTTPException(404, "no such export") from None
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
+        with ctx.sessions() as session:
+            row = session.execute(_exports_query().where(Export.id == export_id)).one()
+        return export_json(*row)
+
     from fvlm_pacs.worklist import WorklistPage, WorklistQuery, load_worklist  # imports api
 
     page = WorklistPage()

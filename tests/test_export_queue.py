@@ -452,11 +452,38 @@ def test_retry_of_a_pending_export_that_failed_makes_it_due_now(
     assert worker.deliver_one("flaky") == "done"
 
 
+def test_cancel_a_pending_export_keeps_it_on_record(
+    make_parts: Callable[..., Parts], tmp_path: Path
+) -> None:
+    """An operator stops a pending send (e.g. its destination was removed from the config): the
+    row becomes dead with the reason and an audit event, and can still be retried later."""
+    parts = make_parts(destinations=[folder("a", tmp_path / "a"), folder("b", tmp_path / "b")])
+    store_result(parts)
+    client = client_for(parts)
+    row_a, row_b = one_export(parts, "a"), one_export(parts, "b")
+    cancelled = client.post(f"/api/exports/{row_a.id}/cancel")
+    assert cancelled.status_code == 200
+    body = cancelled.json()
+    assert body["state"] == "dead" and body["last_error"].startswith("cancelled by api:")
+    assert "export_cancelled" in audit_kinds(parts)
+    assert client.post(f"/api/exports/{row_a.id}/cancel").status_code == 409  # already dead
+    assert client.post("/api/exports/999999/cancel").status_code == 404
+    parts.exports.clock = at(0)
+    assert parts.exports.claim("sender", "b") is not None
+    sending = client.post(f"/api/exports/{row_b.id}/cancel")  # cannot recall a send in flight
+    assert sending.status_code == 409 and "sending" in sending.json()["detail"]
+    worker = worker_for(parts, FolderDestination(parts.settings.destinations[0]))  # type: ignore[arg-type]
+    assert worker.deliver_one("a") is None  # a cancelled row is never sent
+    assert client.post(f"/api/exports/{row_a.id}/retry").status_code == 200
+    assert worker.deliver_one("a") == "done"
+
+
 def test_exports_need_the_api_token(make_parts: Callable[..., Parts]) -> None:
     parts = make_parts(api_tokens=["t0ken"])
     client = client_for(parts)
     assert client.get("/api/exports").status_code == 401
     assert client.post("/api/exports/1/retry").status_code == 401
+    assert client.post("/api/exports/1/cancel").status_code == 401
     ok = client.get("/api/exports", headers={"Authorization": "Bearer t0ken"})
     assert ok.status_code == 200 and ok.json() == {"exports": []}
 

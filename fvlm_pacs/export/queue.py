@@ -305,6 +305,40 @@ class ExportQueue:
             )
             return row
 
+    def cancel(self, export_id: int, actor: str) -> Export:
+        """Stop a pending row from being sent: it becomes ``dead`` with the reason, so the
+        result stays on record and :meth:`retry` can still send it later.
+
+        For exports waiting on a destination that was removed from the configuration, or a
+        send an operator does not want any more. Raises KeyError if there is no such row,
+        ValueError unless it is pending (a row being sent cannot be recalled mid-association).
+        """
+        now = self.clock()
+        with self.sessions.begin() as session:
+            row = session.get(Export, export_id)
+            if row is None:
+                raise KeyError(export_id)
+            if row.state != "pending":
+                raise ValueError(
+                    f"export {export_id} is {row.state}; only pending ones can be cancelled"
+                )
+            row.state = "dead"
+            row.last_error = f"cancelled by {actor}"
+            self._clear_lease(row, now)
+            result = session.get(Result, row.result_id)
+            audit(
+                session,
+                "export_cancelled",
+                actor=actor,
+                study_instance_uid=result.study_instance_uid if result else None,
+                detail={
+                    "export_id": row.id,
+                    "result_id": row.result_id,
+                    "destination": row.destination,
+                },
+            )
+            return row
+
     def depth(self) -> dict[tuple[str, str], int]:
         """Rows per (destination, state); every configured destination has all four states."""
         with self.sessions() as session:

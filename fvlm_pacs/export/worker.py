@@ -62,7 +62,11 @@ class ExportWorker:
             waiting = {}
         for name, n in waiting.items():
             log.warning(
-                "%d pending exports wait for destination %r, which is not configured", n, name
+                "%d pending exports wait for destination %r, which is not configured: add it "
+                "back, or cancel them (POST /api/exports/{id}/cancel; GET /api/exports?state="
+                "pending lists them)",
+                n,
+                name,
             )
         for name in self.destinations:
             t = threading.Thread(
