@@ -153,6 +153,11 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int)
     demo.add_argument("--vit-width", type=int, help="hidden size of the ViT (MLP 2x, 4 heads)")
+    demo.add_argument(
+        "--objective",
+        choices=["fvlm", "fvlm-coteach"],
+        help="fvlm, or fvlm-coteach (two networks, about twice the time per step)",
+    )
     demo.add_argument("--work", type=Path, default=Path("fvlm-demo-build"), help="scratch folder")
     demo.add_argument("--out", type=Path, help="default: the package's models/demo folder")
     return p
@@ -243,7 +248,8 @@ def _build_demo(args: argparse.Namespace) -> int:
     """Rebuild the shipped demo model (minutes on a CPU) and print its measured mean AUC."""
     from fvlm_pacs.model.demo_build import EVAL_FILE, DemoRecipe, build_demo
 
-    given = {k: getattr(args, k) for k in ("cases", "steps", "seg_steps", "seed", "vit_width")}
+    keys = ("cases", "steps", "seg_steps", "seed", "vit_width", "objective")
+    given = {k: getattr(args, k) for k in keys}
     recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
     try:
         out = build_demo(recipe, args.work, args.out)

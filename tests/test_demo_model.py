@@ -109,3 +109,14 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     assert {k: v for k, v in wide.items() if k != "vision"} == {
         k: v for k, v in default.items() if k != "vision"
     }
+
+
+def test_recipe_objective_is_checked_before_any_work() -> None:
+    from fvlm_pacs.errors import ConfigError
+    from fvlm_pacs.model import demo_build
+
+    assert demo_build.DemoRecipe(objective="fvlm-coteach").objective == "fvlm-coteach"
+    with pytest.raises(ConfigError, match="objective"):
+        demo_build.DemoRecipe(objective="clip")
+    with pytest.raises(ConfigError):
+        demo_build.DemoRecipe(vit_width=30)  # not a multiple of the 4 heads

@@ -2,7 +2,8 @@
 
 Steps, all local and seeded: synthetic chest phantoms with reports
 (:func:`fvlm_pacs.phantoms.write_dataset`) → train/validation/test split → the tiny fVLM trained
-on the train part only (:func:`fvlm_pacs.model.train.train`, objective ``fvlm``) → per-finding
+on the train part only (:func:`fvlm_pacs.model.train.train`, objective ``fvlm`` or
+``fvlm-coteach``) → per-finding
 thresholds calibrated on the validation part → zero-shot evaluation on the test part → the
 ``builtin`` segmentation network trained on the same train part and scored (Dice) on the test part,
 shipped in ``segmentation/`` → a model card that states the data (synthetic), the use
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.evaluation import EvalReport, calibrate, evaluate, write_thresholds
 from fvlm_pacs.model.checkpoint import demo_model_dir
 from fvlm_pacs.model.config import ModelConfig, tiny
@@ -52,6 +54,8 @@ class DemoRecipe:
 
     def __post_init__(self) -> None:
         # fail before minutes of phantom writing, not when training starts
+        if self.objective not in ("fvlm", "fvlm-coteach"):
+            raise ConfigError(f"objective: fvlm or fvlm-coteach, got {self.objective!r}")
         data = self.model_config()
         data["text"]["vocab_size"] = 1  # any size: only the shapes are checked here
         ModelConfig.from_dict(data)
@@ -75,6 +79,7 @@ class DemoRecipe:
     crop: tuple[int, int, int] = (96, 176, 288)
     seg_steps: int = 600
     vit_width: int = 64
+    objective: str = "fvlm"
     version: str = "1"
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,7 +118,7 @@ def build_demo(
             min_lr=min(1e-6, recipe.lr),
             warmup_steps=max(1, recipe.steps // 10),
             seed=recipe.seed,
-            objective="fvlm",
+            objective=recipe.objective,
             log_every=max(1, recipe.steps // 20),
             checkpoint_every=10**9,
             device=device,
@@ -190,7 +195,13 @@ def model_card(
         f"A tiny fVLM (ViT 4 blocks × {recipe.vit_width}, BERT 2 layers × 32 with a WordPiece "
         "vocabulary built from the synthetic reports, 16-d joint space, anatomies "
         "lung/heart/esophagus/aorta) "
-        "trained from scratch with the fVLM objective (normal-sample correction on). It exists so "
+        "trained from scratch with the fVLM objective (normal-sample correction on"
+        + (
+            "; co-teaching with a second network, the first is shipped"
+            if recipe.objective == "fvlm-coteach"
+            else ""
+        )
+        + "). It exists so "
         "that the whole product (DICOM in, findings, triage, SR/SEG out, worklist) can be shown "
         "and tested on any machine without downloading weights.",
         "",
@@ -230,7 +241,8 @@ def model_card(
         "",
         "```",
         f"fvlm-pacs model build-demo --cases {recipe.cases} --steps {recipe.steps} "
-        f"--seg-steps {recipe.seg_steps} --seed {recipe.seed} --vit-width {recipe.vit_width}",
+        f"--seg-steps {recipe.seg_steps} --seed {recipe.seed} --vit-width {recipe.vit_width} "
+        f"--objective {recipe.objective}",
         "```",
         "",
     ]
