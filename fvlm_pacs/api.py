@@ -10,6 +10,7 @@ import base64
 import binascii
 import hmac
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
@@ -351,10 +352,10 @@ def create_app(ctx: AppContext) -> FastAPI:
             raise HTTPException(404, "no such export")
         return export_json(*row)
 
-    @app.post("/api/exports/{export_id}/retry")
-    def retry_export(export_id: int, actor: Actor) -> dict[str, Any]:
+    def export_action(action: Callable[..., Any], export_id: int, actor: str) -> dict[str, Any]:
+        """Run an operator action on one export row; 404 unknown, 409 not in a fitting state."""
         try:
-            exports.retry(export_id, actor=f"api:{actor}")
+            action(export_id, actor=f"api:{actor}")
         except KeyError:
             raise HTTPException(404, "no such export") from None
         except ValueError as exc:
@@ -363,17 +364,13 @@ def create_app(ctx: AppContext) -> FastAPI:
             row = session.execute(_exports_query().where(Export.id == export_id)).one()
         return export_json(*row)
 
+    @app.post("/api/exports/{export_id}/retry")
+    def retry_export(export_id: int, actor: Actor) -> dict[str, Any]:
+        return export_action(exports.retry, export_id, actor)
+
     @app.post("/api/exports/{export_id}/cancel")
     def cancel_export(export_id: int, actor: Actor) -> dict[str, Any]:
-        try:
-            exports.cancel(export_id, actor=f"api:{actor}")
-        except KeyError:
-            raise HTTPException(404, "no such export") from None
-        except ValueError as exc:
-            raise HTTPException(409, str(exc)) from None
-        with ctx.sessions() as session:
-            row = session.execute(_exports_query().where(Export.id == export_id)).one()
-        return export_json(*row)
+        return export_action(exports.cancel, export_id, actor)
 
     from fvlm_pacs.worklist import WorklistPage, WorklistQuery, load_worklist  # imports api
 

@@ -291,18 +291,7 @@ class ExportQueue:
             row.attempts = 0
             row.next_attempt_at = now
             self._clear_lease(row, now)
-            result = session.get(Result, row.result_id)
-            audit(
-                session,
-                "export_retried",
-                actor=actor,
-                study_instance_uid=result.study_instance_uid if result else None,
-                detail={
-                    "export_id": row.id,
-                    "result_id": row.result_id,
-                    "destination": row.destination,
-                },
-            )
+            _audit_operator_action(session, row, "export_retried", actor)
             return row
 
     def cancel(self, export_id: int, actor: str) -> Export:
@@ -325,18 +314,7 @@ class ExportQueue:
             row.state = "dead"
             row.last_error = f"cancelled by {actor}"
             self._clear_lease(row, now)
-            result = session.get(Result, row.result_id)
-            audit(
-                session,
-                "export_cancelled",
-                actor=actor,
-                study_instance_uid=result.study_instance_uid if result else None,
-                detail={
-                    "export_id": row.id,
-                    "result_id": row.result_id,
-                    "destination": row.destination,
-                },
-            )
+            _audit_operator_action(session, row, "export_cancelled", actor)
             return row
 
     def depth(self) -> dict[tuple[str, str], int]:
@@ -398,3 +376,15 @@ class ExportQueue:
         row.lease_owner = None
         row.lease_expires_at = None
         row.updated_at = now
+
+
+def _audit_operator_action(session: Session, row: Export, kind: str, actor: str) -> None:
+    """One audit event for an operator's action on an export row (retry, cancel)."""
+    result = session.get(Result, row.result_id)
+    audit(
+        session,
+        kind,
+        actor=actor,
+        study_instance_uid=result.study_instance_uid if result else None,
+        detail={"export_id": row.id, "result_id": row.result_id, "destination": row.destination},
+    )
