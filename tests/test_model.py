@@ -241,6 +241,24 @@ def test_position_embedding_interpolates_to_another_grid() -> None:
     assert grid == (3, 4, 2) and levels[0].shape == (1, 24, 64)
 
 
+def test_patch_embedding_is_the_conv3d_it_stores() -> None:
+    """The patchify-as-one-matrix-product equals the Conv3d whose parameters it keeps, with
+    several channels and a batch, token order D-major then H then W."""
+    torch.manual_seed(0)
+    cfg = VisionConfig(
+        in_channels=2, patch_size=(4, 8, 16), img_size=(8, 16, 32), hidden_size=24,
+        num_layers=1, num_heads=2, mlp_dim=48, level_blocks=(),
+    )  # fmt: skip
+    pe = VisionTransformer3D(cfg).patch_embedding
+    x = torch.randn(3, 2, 12, 24, 64)
+    with torch.no_grad():
+        tokens, grid = pe(x)
+        conv = pe.patch_embeddings(x)  # [B, C, D', H', W']
+    assert grid == (3, 3, 4)
+    expected = conv.flatten(2).transpose(1, 2) + pe.position_embedding_for(grid)
+    torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_image_size_not_a_patch_multiple_is_refused() -> None:
     vit = VisionTransformer3D(small_config().vision)
     with pytest.raises(ValueError, match="along W"):

@@ -395,7 +395,12 @@ def test_two_rank_ddp_equals_one_process_on_the_same_global_batch(
             # softmax ignores a bias added to every key, so this gradient is zero in exact
             # arithmetic; Adam scales its float noise up to lr-sized steps, in either run
             continue
-        assert torch.allclose(a[key], b[key], atol=1e-5), key
+        # Adam divides by sqrt(v): an element whose gradient is nearly zero turns the runs'
+        # different float summation order into steps up to ~3e-5; a real DDP error (wrong
+        # averaging, a missed gradient) moves whole tensors by ~lr = 1e-3
+        diff = (a[key] - b[key]).abs()
+        assert float(diff.max()) < 1e-4, key
+        assert int((diff > 1e-5).sum()) <= max(1, diff.numel() // 1000), key
 
 
 def test_yaml_exponent_floats_are_numbers(small: Path, tmp_path: Path) -> None:

@@ -61,9 +61,23 @@ class PatchEmbedding(nn.Module):
         return vol.permute(0, 2, 3, 4, 1).reshape(1, -1, c).to(pos.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        x = self.patch_embeddings(x)
-        d, h, w = (int(s) for s in x.shape[2:])
-        tokens = x.flatten(2).transpose(1, 2)
+        """Patchify as one matrix product with the Conv3d's own weights.
+
+        A convolution whose kernel equals its stride is a matrix product over non-overlapping
+        patches; oneDNN's Conv3d with a 16 × 16 × 32 kernel is no faster than that product in
+        fp32 and many times slower in bf16 (bench/inference.py), so the layer keeps its
+        parameters (the checkpoint's names) but not its kernel.
+        """
+        b, c, size_d, size_h, size_w = x.shape
+        pd, ph, pw = self.patch_embeddings.kernel_size
+        d, h, w = size_d // pd, size_h // ph, size_w // pw
+        patches = (
+            x.reshape(b, c, d, pd, h, ph, w, pw)
+            .permute(0, 2, 4, 6, 1, 3, 5, 7)
+            .reshape(b, d * h * w, c * pd * ph * pw)
+        )
+        weight = self.patch_embeddings.weight
+        tokens = F.linear(patches, weight.reshape(weight.shape[0], -1), self.patch_embeddings.bias)
         return tokens + self.position_embedding_for((d, h, w)), (d, h, w)
 
 
