@@ -10,7 +10,13 @@ Prints, for a 512×512×300 CT study (0.7 mm pixels, 1 mm slices) with four anat
   and achieved FLOP/s;
 * the same ViT-B forward in MONAI's ``monai.networks.nets.ViT`` (the reference implementation
   the checkpoint's key names come from), measured in the same run, and the ratio;
+* whole studies through :class:`~fvlm_pacs.model.predictor.Predictor.run` (preprocess, encode,
+  score) for a ViT-B model with random weights and for the shipped demo model, in ``crops`` and
+  ``single`` mode, fp32 and bf16, with the largest score difference bf16 − fp32 per model;
 * peak RSS of the process.
+
+Assembly (reading the DICOM files) is measured by ``ingest.py``'s peer, segmentation by
+``builtin_segmentation.py``; both are independent of the model.
 
 Nothing is asserted; figures only. Runs on the CPU unless CUDA is available.
 """
@@ -18,6 +24,7 @@ Nothing is asserted; figures only. Runs on the CPU unless CUDA is available.
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import statistics
 import sys
@@ -35,6 +42,7 @@ if str(REPO) not in sys.path:
 
 from fvlm_pacs.domain import Volume  # noqa: E402 (after sys.path)
 from fvlm_pacs.model import FvlmModel, vit_b  # noqa: E402
+from fvlm_pacs.model.predictor import cast_linear_weights  # noqa: E402
 from fvlm_pacs.model.preprocess import anatomy_crops, context_crop, to_model_grid  # noqa: E402
 
 CROP = (112, 288, 352)
@@ -86,11 +94,70 @@ def vit_flops(
     return float(embed + layers * per_block)
 
 
+def vit_b_model_dir(root: Path) -> Path:
+    """ViT-B image path (random weights) with a small text tower, saved in our format: the
+    Predictor needs the text tower only once, to fill the prompt bank."""
+    import dataclasses
+    import string
+
+    from fvlm_pacs.codes import load_anatomies, load_findings
+    from fvlm_pacs.model import save_model, tiny
+    from fvlm_pacs.model.text import load_tokenizer
+
+    words = {
+        w.lower().strip(".")
+        for f in load_findings(load_anatomies("ct-rate"))
+        for w in f"{f.positive} {f.negative}".split()
+    }
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + sorted(words)
+    vocab += list(string.ascii_lowercase)
+    text_dir = root / "text"
+    text_dir.mkdir(parents=True, exist_ok=True)
+    (text_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    config = dataclasses.replace(vit_b(), text=tiny(vocab_size=len(vocab)).text)
+    torch.manual_seed(0)
+    model = FvlmModel(config, tokenizer=load_tokenizer(text_dir)).eval()
+    return save_model(model, root / "model", "bench-vitb", "0")
+
+
+def whole_study(
+    models: dict[str, Path], vol: Volume, labels: np.ndarray, repeats: int, device: str
+) -> None:
+    """Predictor.run on the whole study: median stage times per (model, mode, precision) and
+    the largest score difference between bf16 and fp32 of each model and mode."""
+    from fvlm_pacs.domain import LabelMap
+    from fvlm_pacs.model.predictor import Predictor
+
+    print("\nper study, Predictor.run (median of repeats; seconds):")
+    print(f"  {'model':<12} {'mode':<7} {'precision':<9} {'preprocess':>10} {'encode':>8} "
+          f"{'score':>7} {'total':>7}  crops")  # fmt: skip
+    for name, folder in models.items():
+        for mode in ("crops", "single"):
+            scores: dict[str, list[float | None]] = {}
+            for precision in ("fp32", "bf16"):
+                predictor = Predictor(folder, device=device, mode=mode, precision=precision)  # type: ignore[arg-type]
+                lm = LabelMap(array=labels, anatomies=predictor.anatomies, source="bench")
+                runs = [predictor.run(vol, lm) for _ in range(repeats + 1)][1:]
+                t = {k: statistics.median(r.timings[k] for r in runs) for k in runs[0].timings}
+                print(
+                    f"  {name:<12} {mode:<7} {precision:<9} {t['preprocess']:10.2f} "
+                    f"{t['encode']:8.2f} {t['score']:7.3f} {t['total']:7.2f}  {runs[0].crops}"
+                )
+                scores[precision] = [f.score for f in runs[0].findings]
+            diffs = [
+                abs(a - b)
+                for a, b in zip(scores["fp32"], scores["bf16"], strict=True)
+                if a is not None and b is not None
+            ]
+            print(f"  {name:<12} {mode:<7} max |score bf16 − fp32| = {max(diffs):.5f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--skip-monai", action="store_true")
+    ap.add_argument("--skip-study", action="store_true", help="skip the whole-study Predictor runs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,10 +188,18 @@ def main() -> None:
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
             model.encode_anatomies(image, lab)
 
+    model_bf16 = copy.deepcopy(model)
+    cast_linear_weights(model_bf16, torch.bfloat16)  # what Predictor(precision="bf16") does
+
+    def ours_bf16_cast() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            model_bf16.encode_anatomies(image, lab)
+
     v = config.vision
     flops = vit_flops(*CROP, v.patch_size, v.hidden_size, v.num_layers, v.mlp_dim)
     rows = [("fvlm_pacs ViT-B + pooling, fp32", timed(ours, args.repeats))]
     rows.append(("fvlm_pacs ViT-B + pooling, bf16", timed(ours_bf16, args.repeats)))
+    rows.append(("  same, matmul weights stored in bf16", timed(ours_bf16_cast, args.repeats)))
     if not args.skip_monai:
         from monai.networks.nets import ViT
 
@@ -153,6 +228,7 @@ def main() -> None:
         print(f"  {name:<36} {seconds:7.2f} s   {flops / seconds / 1e9:8.1f} GFLOP/s")
     if not args.skip_monai:
         print(f"  ratio fvlm_pacs fp32 / MONAI: {rows[0][1] / rows[-1][1]:.2f}×")
+    print(f"  speed-up bf16 (weights stored in bf16) over fp32: {rows[0][1] / rows[2][1]:.2f}×")
     ctx_image = torch.from_numpy(context.image)[None, None].to(device)
     ctx_labels = torch.from_numpy(context.labels.astype(np.int64))[None].to(device)
 
@@ -169,6 +245,14 @@ def main() -> None:
         f"{ctx_flops / 1e12:.2f} TFLOP, {ctx_flops / single_s / 1e9:.1f} GFLOP/s; "
         f"crops/single = {per_study / single_s:.1f}×"
     )
+    if not args.skip_study:
+        import tempfile
+
+        from fvlm_pacs.model.checkpoint import demo_model_dir
+
+        with tempfile.TemporaryDirectory() as tmp:
+            models = {"ViT-B": vit_b_model_dir(Path(tmp)), "demo": demo_model_dir()}
+            whole_study(models, vol, labels, args.repeats, device.type)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {rss:.0f} MiB")
 

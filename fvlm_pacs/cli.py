@@ -120,6 +120,12 @@ def parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--seed", type=int, default=0, help="seed of the case split")
         cmd.add_argument("--mode", choices=["crops", "single"], default="crops")
+        cmd.add_argument(
+            "--precision",
+            choices=["auto", "fp32", "bf16"],
+            default="auto",
+            help="image encoder arithmetic (auto: bf16 on CUDA, fp32 on CPU)",
+        )
         if name == "eval":
             cmd.add_argument("--json", type=Path, required=True, dest="json_out")
             cmd.add_argument("--thresholds", type=Path, help="calibrated thresholds.json")
@@ -291,8 +297,6 @@ def _run(
 ) -> int:
     """The worker's stages on local files: assembly, findings when a model is set, and the DICOM
     outputs into ``out_dir`` when given."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
@@ -362,7 +366,9 @@ def _zero_shot(args: argparse.Namespace) -> int:
     thresholds = getattr(args, "thresholds", None)
     try:
         args.model = resolve_model_path(args.model)
-        predictor = Predictor(args.model, mode=args.mode, thresholds_path=thresholds)
+        predictor = Predictor(
+            args.model, mode=args.mode, precision=args.precision, thresholds_path=thresholds
+        )
     except FvlmPacsError as exc:
         print(f"fvlm-pacs: {exc}", file=sys.stderr)
         return 2
@@ -374,7 +380,13 @@ def _zero_shot(args: argparse.Namespace) -> int:
         print(f"{len(found)} thresholds from {len(ids)} {args.split} cases written to {out}")
         return 0
     report = evaluate(scored.scores, scored.labels, predictor.thresholds)
-    args.json_out.write_text(report.to_json())
+    doc = report.as_dict()
+    doc["inference"] = {
+        "mode": predictor.mode,
+        "precision": predictor.precision,
+        "device": predictor.device.type,
+    }
+    args.json_out.write_text(json.dumps(doc, indent=2))
     args.json_out.with_suffix(".md").write_text(report.to_markdown())
     report.save_roc_png(args.json_out.with_suffix(".png"))
     print(report.to_markdown())

@@ -195,6 +195,11 @@ class Settings(BaseSettings):
     inference_mode: Literal["crops", "single"] = Field(
         "crops", description="One ViT pass per anatomy crop, or one for the whole context."
     )
+    inference_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Image encoder arithmetic: auto = bf16 on CUDA, fp32 on CPU; bf16 on a CPU "
+        "with AVX512-BF16/AMX is about 2x faster per study (bench/inference.py).",
+    )
     segmentation_provider: Literal["dicom-seg", "totalsegmentator", "builtin"] = Field(
         "dicom-seg", description="Where anatomy label maps come from."
     )

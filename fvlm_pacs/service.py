@@ -93,7 +93,12 @@ def build_stages(settings: Settings) -> Stages:
             check()
     except SegmentationUnavailable as exc:
         raise ConfigError(f"segmentation_provider: {exc}") from None
-    predictor = Predictor(settings.model_dir, anatomy_table=table, mode=settings.inference_mode)
+    predictor = Predictor(
+        settings.model_dir,
+        anatomy_table=table,
+        mode=settings.inference_mode,
+        precision=settings.inference_precision,
+    )
     return Stages(
         series_rules=rules,
         segmenter=segmenter,

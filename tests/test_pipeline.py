@@ -57,6 +57,13 @@ def check_findings(result: dict) -> None:
         else:
             assert f["score"] is None and f["status"] == "not_assessable"
     assert set(result["not_assessable"]) == {"esophagus", "aorta"}
+    # how the scores were computed travels with them (one crop per present anatomy)
+    assert result["inference"] == {
+        "mode": "crops",
+        "precision": "fp32",
+        "device": "cpu",
+        "crops": 2,
+    }
     assert result["segmentation"]["source"] == "dicom-seg"
     assert set(result["segmentation"]["provenance"]) == {
         "seg_sop_instance_uid",

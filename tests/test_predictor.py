@@ -348,6 +348,31 @@ def test_single_pass_mode_scores_every_anatomy_from_one_crop(model_dir, case) ->
             assert got[f.name].score == pytest.approx(float(expected), abs=1e-5)
 
 
+def test_bf16_on_cpu_tracks_fp32_and_stores_matmul_weights_in_bf16(result, model_dir, case):
+    p = Predictor(model_dir, device="cpu", precision="bf16")
+    assert p.precision == "bf16"
+    vit = p.model.visual_encoder
+    assert vit.blocks[0].mlp.linear1.weight.dtype == torch.bfloat16
+    assert vit.patch_embedding.patch_embeddings.weight.dtype == torch.bfloat16
+    assert p.model.attention.in_proj_weight.dtype == torch.bfloat16
+    assert vit.norm.weight.dtype == torch.float32  # norms and position embeddings stay fp32
+    assert vit.patch_embedding.position_embeddings.dtype == torch.float32
+    got = p.predict(*case)
+    assert [f.status == "not_assessable" for f in got] == [
+        f.status == "not_assessable" for f in result.findings
+    ]
+    diffs = [abs(y.score - x.score) for x, y in zip(result.findings, got, strict=True) if x.score]
+    assert diffs and max(diffs) < 0.02  # bf16 encoder, fp32 scoring
+    assert max(diffs) > 0  # the bf16 path really ran
+
+
+def test_precision_auto_is_fp32_on_cpu_and_unknown_is_refused(model_dir, predictor) -> None:
+    assert predictor.precision == "fp32"
+    assert predictor.model.visual_encoder.blocks[0].mlp.linear1.weight.dtype == torch.float32
+    with pytest.raises(ConfigError, match="precision"):
+        Predictor(model_dir, device="cpu", precision="fp16")  # type: ignore[arg-type]
+
+
 def test_unknown_mode_is_refused(model_dir) -> None:
     with pytest.raises(ConfigError, match="mode"):
         Predictor(model_dir, device="cpu", mode="fast")  # type: ignore[arg-type]

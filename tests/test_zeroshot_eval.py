@@ -73,3 +73,20 @@ def test_cli_calibrate_then_eval(model_dir: Path, data: Path, tmp_path: Path) ->
         expected = roc_auc(scores.scores[row["finding"]], scores.labels[row["finding"]])
         assert row["auc"] == (pytest.approx(expected) if expected is not None else None)
     assert (tmp_path / "eval.md").exists() and (tmp_path / "eval.png").stat().st_size > 1000
+
+
+def test_cli_eval_scores_with_the_precision_it_is_given(model_dir: Path, data: Path, tmp_path):
+    report = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(model_dir), "--data", str(data), "--json", str(report)]
+    assert main([*argv, "--split", "all", "--mode", "single", "--precision", "bf16"]) == 0
+    ids = tuple(sorted(p.name for p in data.iterdir() if p.is_dir()))
+    bf16 = score_cases(
+        Predictor(model_dir, device="cpu", mode="single", precision="bf16"), data, ids
+    )
+    fp32 = score_cases(Predictor(model_dir, device="cpu", mode="single"), data, ids)
+    assert any(not np.array_equal(bf16.scores[k], fp32.scores[k]) for k in bf16.scores)
+    result = json.loads(report.read_text())
+    assert result["inference"] == {"mode": "single", "precision": "bf16", "device": "cpu"}
+    for row in result["findings"]:
+        expected = roc_auc(bf16.scores[row["finding"]], bf16.labels[row["finding"]])
+        assert row["auc"] == (pytest.approx(expected) if expected is not None else None)
