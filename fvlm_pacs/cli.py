@@ -326,8 +326,10 @@ def _run(
     if findings is None:
         console.print("no model_dir set: assembly only")
     else:
+        how = result["inference"]
         table = Table(
-            title=f"fVLM findings ({result['model']['name']} {result['model']['version']})"
+            title=f"fVLM findings ({result['model']['name']} {result['model']['version']}; "
+            f"{how['mode']} mode, {how['crops']} pass(es), {how['precision']} on {how['device']})"
         )
         for column in ("anatomy", "finding", "score", "threshold", "status"):
             table.add_column(column)

@@ -102,6 +102,7 @@ def test_cli_run_prints_findings_and_writes_json(model_dir: Path, study, tmp_pat
     assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 0
     printed = capsys.readouterr().out
     assert "fVLM findings" in printed and "emphysema" in printed and "not_assessable" in printed
+    assert "crops mode" in printed and "fp32 on cpu" in printed
     check_findings(json.loads(out.read_text()))
 
 
