@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.metadata
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,9 +29,13 @@ from fvlm_pacs.segmentation import (
 from fvlm_pacs.segmentation.dicom_seg import DicomSegProvider
 from fvlm_pacs.segmentation.grid import merge_anatomy_masks
 from fvlm_pacs.segmentation.totalsegmentator import (
+    MODEL_FILES,
+    TASK_MODELS,
     TOTAL_TASK_IDS,
     TotalSegmentatorProvider,
+    _offline_environment,
     labels_to_volume,
+    task_model_dir,
     volume_to_nifti,
 )
 from fvlm_pacs.studies.assembly import assemble_series
@@ -335,15 +341,12 @@ def installed_version(package: str) -> str | None:
 
 
 def fake_weights(root: Path, task_ids: Sequence[int] = TOTAL_TASK_IDS) -> Path:
+    """Empty files in the exact layout TotalSegmentator looks up (the runner is faked)."""
     for t in task_ids:
-        fold = (
-            root
-            / f"Dataset{t}_TotalSegmentator_x"
-            / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-            / "fold_0"
-        )
-        fold.mkdir(parents=True)
-        (fold / "checkpoint_final.pth").write_bytes(b"")
+        model = task_model_dir(root, t)
+        for name in MODEL_FILES:
+            (model / name).parent.mkdir(parents=True, exist_ok=True)
+            (model / name).write_bytes(b"")
     return root
 
 
@@ -451,6 +454,51 @@ def test_totalsegmentator_weights_missing(tmp_path: Path, table: AnatomyTable) -
         TotalSegmentatorProvider(table, partial, runner=runner).segment(volume, [])
     with pytest.raises(SegmentationUnavailable, match="not a directory"):
         TotalSegmentatorProvider(table, tmp_path / "nope", runner=runner).segment(volume, [])
+
+
+@pytest.mark.parametrize(
+    "rename",
+    [
+        ("Dataset297_TotalSegmentator_total_3mm_1559subj", "Dataset297_TotalSegmentator_total_3mm_1559subj_v204"),
+        ("nnUNetTrainer_4000epochs_NoMirroring__", "nnUNetTrainerNoMirroring__"),
+        ("plans.json", "plans.json.bak"),
+    ],
+    ids=["old-release-folder", "other-trainer", "no-plans"],
+)  # fmt: skip
+def test_totalsegmentator_weights_need_the_exact_names(
+    tmp_path: Path, table: AnatomyTable, rename: tuple[str, str]
+) -> None:
+    """TotalSegmentator downloads a task whose exact folder it does not find (and deletes an
+    older release's folder), so a near miss is refused before it runs, naming the layout."""
+    root = fake_weights(tmp_path / "w", (297,))
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+        if rename[0] in path.name:
+            path.rename(path.with_name(path.name.replace(*rename)))
+    provider = TotalSegmentatorProvider(table, root, fast=True, runner=lambda i, a: (i, a))
+    with pytest.raises(SegmentationUnavailable, match=r"task\(s\) 297 .*Dataset297_Total"):
+        provider.check()
+
+
+def test_totalsegmentator_runs_on_links_to_the_exact_folders_only(tmp_path: Path) -> None:
+    """The run's weights directory links the task folders and nothing else, so whatever
+    TotalSegmentator deletes or writes there (old-release folders, downloads) is not the site's
+    folder; the environment is restored afterwards."""
+    site = fake_weights(tmp_path / "site", (297,))
+    old = site / "Dataset297_TotalSegmentator_total_3mm_1559subj_v204"
+    old.mkdir()
+    before = {str(p.relative_to(site)) for p in site.rglob("*")}
+    saved = os.environ.get("TOTALSEG_WEIGHTS_PATH")
+    with _offline_environment(site, (297,)):
+        private = Path(os.environ["TOTALSEG_WEIGHTS_PATH"])
+        assert os.environ["nnUNet_results"] == str(private) and private != site
+        assert [p.name for p in private.iterdir()] == [TASK_MODELS[297][0]]
+        linked = private / TASK_MODELS[297][0]
+        assert linked.is_symlink() and linked.resolve() == (site / TASK_MODELS[297][0]).resolve()
+        config = json.loads((private.parent / "config.json").read_text())
+        assert config["send_usage_stats"] is False
+    assert os.environ.get("TOTALSEG_WEIGHTS_PATH") == saved
+    assert not private.exists()  # the private home is gone, the site's folder is untouched
+    assert {str(p.relative_to(site)) for p in site.rglob("*")} == before
 
 
 # --- factory --------------------------------------------------------------------------------

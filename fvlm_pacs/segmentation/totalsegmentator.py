@@ -6,15 +6,22 @@ internet, and silently fetching ~1 GB at the first study is not acceptable. The 
 nnU-Net result folders into one directory and points the ``totalsegmentator_weights`` setting at it:
 
     <totalsegmentator_weights>/
-        Dataset291_TotalSegmentator_part1_organs_1559subj/<trainer>__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth
-        Dataset292_TotalSegmentator_part2_vertebrae_1532subj/...
+        Dataset291_TotalSegmentator_part1_organs_1559subj/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres/
+            plans.json, dataset.json, fold_0/checkpoint_final.pth
+        Dataset292_TotalSegmentator_part2_vertebrae_1532subj/...   (same trainer folder)
         Dataset293_TotalSegmentator_part3_cardiac_1559subj/...
         Dataset294_TotalSegmentator_part4_muscles_1559subj/...
         Dataset295_TotalSegmentator_part5_ribs_1559subj/...
-    (``fast``: Dataset297_TotalSegmentator_total_3mm_1559subj/... instead)
+    (``fast``: Dataset297_TotalSegmentator_total_3mm_1559subj/
+     nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres/... instead)
 
 which is the layout of ``~/.totalsegmentator/nnunet/results`` after ``totalseg_download_weights
--t total`` on a connected machine.
+-t total`` on a connected machine. The names are checked exactly (:data:`TASK_MODELS`):
+TotalSegmentator downloads any task whose exact folder it does not find, and deletes folders
+with names of older releases (e.g. ``..._1559subj_v204``) from its weights directory. So a run
+never sees the site's folder itself: it gets a private weights directory holding links to the
+exact task folders only, and nothing TotalSegmentator deletes or writes there touches the site's
+copy.
 
 Flow: CT :class:`~fvlm_pacs.domain.Volume` → NIfTI array and RAS affine
 (:func:`volume_to_nifti`) → runner → ``total`` label map and its affine → back onto the CT grid
@@ -55,6 +62,19 @@ TOTAL_TASK_IDS = (291, 292, 293, 294, 295)
 """nnU-Net datasets of the full-resolution ``total`` task (TotalSegmentator v2)."""
 FAST_TASK_IDS = (297,)
 """The 3 mm ``total --fast`` model."""
+
+TASK_MODELS: dict[int, tuple[str, str]] = {
+    291: ("Dataset291_TotalSegmentator_part1_organs_1559subj", "nnUNetTrainerNoMirroring"),
+    292: ("Dataset292_TotalSegmentator_part2_vertebrae_1532subj", "nnUNetTrainerNoMirroring"),
+    293: ("Dataset293_TotalSegmentator_part3_cardiac_1559subj", "nnUNetTrainerNoMirroring"),
+    294: ("Dataset294_TotalSegmentator_part4_muscles_1559subj", "nnUNetTrainerNoMirroring"),
+    295: ("Dataset295_TotalSegmentator_part5_ribs_1559subj", "nnUNetTrainerNoMirroring"),
+    297: ("Dataset297_TotalSegmentator_total_3mm_1559subj", "nnUNetTrainer_4000epochs_NoMirroring"),
+}
+"""Task id → (nnU-Net dataset folder, trainer) exactly as TotalSegmentator 2.x looks them up
+(``map_tasks_config.py``: weights folder names; ``total`` / ``fast`` trainers)."""
+MODEL_FILES = ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth")
+"""What nnU-Net reads from a task's model folder."""
 
 Runner = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 """``runner(image, affine_ras) -> (labels, labels_affine_ras)``.
@@ -101,12 +121,18 @@ def total_on_grid(labels: np.ndarray, affine_ras: np.ndarray, volume: Volume) ->
     return place_on_grid(ids, volume)
 
 
+def task_model_dir(weights_dir: Path, task_id: int) -> Path:
+    """``<weights_dir>/<dataset folder>/<trainer>__nnUNetPlans__3d_fullres`` of one task."""
+    folder, trainer = TASK_MODELS[task_id]
+    return weights_dir / folder / f"{trainer}__nnUNetPlans__3d_fullres"
+
+
 def missing_weights(weights_dir: Path, task_ids: Sequence[int]) -> list[int]:
-    """Task ids whose ``Dataset<id>_*/*/fold_0/checkpoint_final.pth`` is absent."""
+    """Task ids whose model folder lacks one of :data:`MODEL_FILES` under its exact name."""
     return [
         t
         for t in task_ids
-        if not any(weights_dir.glob(f"Dataset{t}_*/*/fold_*/checkpoint_final.pth"))
+        if not all((task_model_dir(weights_dir, t) / f).is_file() for f in MODEL_FILES)
     ]
 
 
@@ -146,8 +172,8 @@ class TotalSegmentatorProvider:
                 "totalsegmentator: the TotalSegmentator package is not installed; "
                 f"install the '{EXTRA}' extra (pip install 'fvlm_pacs[{EXTRA}]')"
             )
-        layout = ", ".join(
-            f"Dataset{t}_*/<trainer>/fold_0/checkpoint_final.pth" for t in self.task_ids
+        layout = "; ".join(
+            f"{task_model_dir(Path(), t)}/{{{','.join(MODEL_FILES)}}}" for t in self.task_ids
         )
         if self.weights_dir is None:
             raise SegmentationUnavailable(
@@ -178,9 +204,7 @@ class TotalSegmentatorProvider:
             except importlib.metadata.PackageNotFoundError:
                 version = None
             hashes = {
-                str(t): sha256_file(
-                    next(weights.glob(f"Dataset{t}_*/*/fold_*/checkpoint_final.pth"))
-                )
+                str(t): sha256_file(task_model_dir(weights, t) / "fold_0" / "checkpoint_final.pth")
                 for t in self.task_ids
             }
             self._identity = {
@@ -199,7 +223,7 @@ class TotalSegmentatorProvider:
             labels, labels_affine = self._runner(image, affine)
         else:
             labels, labels_affine = run_totalsegmentator(
-                image, affine, weights, device=self.device, fast=self.fast
+                image, affine, weights, device=self.device, fast=self.fast, tasks=self.task_ids
             )
         total = total_on_grid(labels, labels_affine, volume)
         grouped = self.table.group_totalsegmentator(total)
@@ -212,12 +236,15 @@ class TotalSegmentatorProvider:
 
 
 @contextlib.contextmanager
-def _offline_environment(weights_dir: Path) -> Iterator[None]:
-    """Point TotalSegmentator and nnU-Net at ``weights_dir`` and a private home for the run.
+def _offline_environment(weights_dir: Path, task_ids: Sequence[int]) -> Iterator[None]:
+    """A private home and weights directory for one TotalSegmentator run.
 
     TotalSegmentator keeps ``config.json`` in ``TOTALSEG_HOME_DIR``; a fresh one would enable
-    usage statistics sent over HTTP, so a temporary home with ``send_usage_stats: false`` is made.
-    The variables are process-wide: restored afterwards (one run per worker process at a time).
+    usage statistics sent over HTTP, so the temporary home has ``send_usage_stats: false``. Its
+    weights directory holds only links to the site's exact task folders (see the module
+    docstring: TotalSegmentator deletes folders of older releases in the directory it is
+    given). The variables are process-wide: restored afterwards (one run per worker process at
+    a time).
     """
     with tempfile.TemporaryDirectory(prefix="fvlm-totalseg-") as home:
         (Path(home) / "config.json").write_text(
@@ -225,17 +252,23 @@ def _offline_environment(weights_dir: Path) -> Iterator[None]:
                 {
                     "totalseg_id": "totalseg_offline",
                     "send_usage_stats": False,
+                    "statistics_disclaimer_shown": True,
                     "prediction_counter": 0,
                 }
             ),
             encoding="utf-8",
         )
+        private = Path(home) / "weights"
+        private.mkdir()
+        for t in task_ids:
+            folder = TASK_MODELS[t][0]
+            (private / folder).symlink_to((weights_dir / folder).resolve(), True)
         env = {
             "TOTALSEG_HOME_DIR": home,
-            "TOTALSEG_WEIGHTS_PATH": str(weights_dir),
-            "nnUNet_results": str(weights_dir),
-            "nnUNet_raw": str(weights_dir),
-            "nnUNet_preprocessed": str(weights_dir),
+            "TOTALSEG_WEIGHTS_PATH": str(private),
+            "nnUNet_results": str(private),
+            "nnUNet_raw": str(private),
+            "nnUNet_preprocessed": str(private),
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -250,14 +283,21 @@ def _offline_environment(weights_dir: Path) -> Iterator[None]:
 
 
 def run_totalsegmentator(
-    image: np.ndarray, affine_ras: np.ndarray, weights_dir: Path, *, device: str, fast: bool
+    image: np.ndarray,
+    affine_ras: np.ndarray,
+    weights_dir: Path,
+    *,
+    device: str,
+    fast: bool,
+    tasks: Sequence[int],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run TotalSegmentator v2 ``total`` (multi-label output) in this process; the only call site.
 
     Written against TotalSegmentator 2.x ``totalsegmentator.python_api.totalsegmentator``, which
     accepts and returns ``nibabel.Nifti1Image`` when ``output`` is None. Weights must already be
-    present (:meth:`TotalSegmentatorProvider.check`); TotalSegmentator only downloads a task whose
-    folder is missing.
+    present (:meth:`TotalSegmentatorProvider.check`) for ``tasks``; TotalSegmentator only
+    downloads a task whose folder is missing. One process writes the result (``nr_thr_saving``
+    1; its default starts six, each importing torch, for one volume).
     """
     try:
         import nibabel as nib
@@ -268,8 +308,15 @@ def run_totalsegmentator(
             f"install the '{EXTRA}' extra (pip install 'fvlm_pacs[{EXTRA}]')"
         ) from exc
     img: Any = nib.Nifti1Image(image, affine_ras)
-    with _offline_environment(weights_dir):
+    with _offline_environment(weights_dir, tasks):
         result = totalsegmentator(
-            img, None, ml=True, task="total", fast=fast, device=device, quiet=True
+            img,
+            None,
+            ml=True,
+            task="total",
+            fast=fast,
+            device=device,
+            quiet=True,
+            nr_thr_saving=1,
         )
     return np.asarray(result.dataobj), np.asarray(result.affine, dtype=float)
