@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fvlm_pacs.domain import Volume
+from fvlm_pacs.model import preprocess
 from fvlm_pacs.model.preprocess import (
     CONTEXT_MIN_SHAPE,
     CROP_MIN_SHAPE,
@@ -117,8 +118,33 @@ def test_spacing_and_window() -> None:
     inside = grid.image[grid.labels == 1]
     assert np.allclose(inside, 1.0)  # 350 HU is the window's top
     low = volume(a, shape, lambda x, y, z: np.full(x.shape, -1150.0 + 0 * x))
-    # float32 sampling grid: the bottom of the window within 2e-3 HU
-    assert np.allclose(to_model_grid(low, sampled(a, shape, two_boxes), 2).image, 0.0, atol=1e-6)
+    # float32 sampling grid: the bottom of the window within 0.02 HU
+    assert np.allclose(to_model_grid(low, sampled(a, shape, two_boxes), 2).image, 0.0, atol=1e-5)
+
+
+def test_cutting_to_the_anatomies_before_resampling_keeps_the_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the anatomies plus the context margin are resampled; the model input matches the
+    one from resampling the whole field of view. Water everywhere, so the context is image
+    (0.767) up to the end padding (0): a margin cut too short would leave zeros in it. The
+    resampled grid moves by part of a voxel, so the context box may move by one voxel."""
+    a = head_first_axial(spacing_z=2.5, px=2.0)
+    a[:3, 3] = (-140, -96, -230)
+    shape = (110, 112, 146)  # both boxes with 30-60 mm of air on every side
+    vol = volume(a, shape, lambda x, y, z: np.zeros(x.shape))
+    labels = sampled(a, shape, two_boxes)
+    cut = to_model_grid(vol, labels, 2)
+    monkeypatch.setattr(preprocess, "_around_anatomies", lambda image, lab, n: (image, lab))
+    whole = to_model_grid(vol, labels, 2)
+    assert cut.image.shape == whole.image.shape
+    water = 1150 / 1500
+    assert np.all(np.isclose(cut.image, 0, atol=1e-4) | np.isclose(cut.image, water, atol=1e-4))
+    assert np.count_nonzero(cut.image) == pytest.approx(np.count_nonzero(whole.image), rel=0.05)
+    assert np.mean(cut.labels == whole.labels) > 0.995
+    # nearest neighbour on a grid shifted by part of a 3 mm slice: a 50 mm box may gain or
+    # lose one of its ~17 slices
+    np.testing.assert_allclose(cut.voxels[1:], whole.voxels[1:], rtol=1 / 16)
 
 
 def test_context_is_padded_to_the_minimum_shape() -> None:

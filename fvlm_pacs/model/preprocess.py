@@ -7,7 +7,8 @@ FVLM.md's recipe, with every convention written down because each one moves the 
    patient orientation ``"FPL"`` in highdicom's terms. The voxel order of the series (feet-first,
    reversed InstanceNumber, flipped columns) therefore cannot change what the model sees.
 2. **Spacing** — resampled to 3 × 1 × 1 mm along (slice, row, column) = (z, y, x): trilinear for
-   the image, nearest neighbour for the labels (MONAI ``Spacing``).
+   the image, nearest neighbour for the labels (MONAI ``Spacing``); only the anatomies plus the
+   context margin are resampled (the rest never reaches the model).
 3. **Window** — HU clipped to [−1150, 350] and scaled to [0, 1] (MONAI ``ScaleIntensityRange``).
 4. **Context crop** — the union bounding box of all anatomies, plus 5 slices and 20 pixels, then
    zero-padded at the end to at least (112, 256, 352).
@@ -97,6 +98,30 @@ def _resampled(array: np.ndarray, affine_lps: np.ndarray, mode: str) -> np.ndarr
     return np.asarray(out[0].detach().cpu().numpy())
 
 
+def _around_anatomies(
+    image: hd.Volume, labels: hd.Volume, n_anatomies: int
+) -> tuple[hd.Volume, hd.Volume]:
+    """Both volumes cut to the anatomies' bounding box plus the context margin and two voxels,
+    on the source grid, before resampling.
+
+    Only the context (step 4) ever reaches the model, so resampling the rest of the field of
+    view (air, table, arms) is wasted work — about half of a chest CT. The cut is at whole
+    source voxels and widened by the margin (in mm) and the interpolation's reach, so the
+    context is the same; only the resampled grid's origin moves by a fraction of a voxel.
+    With no anatomy nothing is cut.
+    """
+    present = (labels.array > 0) & (labels.array <= n_anatomies)
+    if not present.any():
+        return image, labels
+    lo, hi = _bbox(present)
+    margin_mm = np.array(CONTEXT_MARGIN) * np.array(MODEL_SPACING_MM)
+    pad = np.ceil(margin_mm / np.array(image.spacing)).astype(int) + 2
+    lo = np.maximum(lo - pad, 0)
+    hi = np.minimum(hi + pad, np.array(present.shape))
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    return image[box], labels[box]  # type: ignore[index]  # highdicom types a 1-tuple
+
+
 def to_model_grid(volume: Volume, labelmap: np.ndarray, n_anatomies: int) -> ModelGrid:
     """Steps 1–4: orientation, spacing, window, context crop and pad.
 
@@ -107,9 +132,11 @@ def to_model_grid(volume: Volume, labelmap: np.ndarray, n_anatomies: int) -> Mod
             f"labelmap shape {labelmap.shape} differs from the volume's {volume.array.shape}"
         )
     image = _reoriented(volume.voxels)
-    labels = _reoriented(volume.voxels.with_array(labelmap.astype(np.float32)))
+    labels = _reoriented(volume.voxels.with_array(labelmap))
+    image, labels = _around_anatomies(image, labels, n_anatomies)
     hu = _resampled(image.array.astype(np.float32), image.affine, "bilinear")
-    lab = np.rint(_resampled(labels.array, labels.affine, "nearest")).astype(np.int16)
+    lab_f = labels.array.astype(np.float32)
+    lab = np.rint(_resampled(lab_f, labels.affine, "nearest")).astype(np.int16)
     lab[(lab < 0) | (lab > n_anatomies)] = 0
     window = ScaleIntensityRange(
         a_min=HU_WINDOW[0], a_max=HU_WINDOW[1], b_min=0.0, b_max=1.0, clip=True
