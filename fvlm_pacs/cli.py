@@ -383,11 +383,7 @@ def _zero_shot(args: argparse.Namespace) -> int:
         return 0
     report = evaluate(scored.scores, scored.labels, predictor.thresholds)
     doc = report.as_dict()
-    doc["inference"] = {
-        "mode": predictor.mode,
-        "precision": predictor.precision,
-        "device": predictor.device.type,
-    }
+    doc["inference"] = predictor.arithmetic()
     args.json_out.write_text(json.dumps(doc, indent=2))
     args.json_out.with_suffix(".md").write_text(report.to_markdown())
     report.save_roc_png(args.json_out.with_suffix(".png"))

@@ -126,13 +126,7 @@ def run_stages(
         "provenance": labelmap.provenance,
     }
     result["model"] = {"name": info.name, "version": info.version, "sha256": info.sha256}
-    predictor = stages.predictor
-    result["inference"] = {
-        "mode": predictor.mode,
-        "precision": predictor.precision,
-        "device": predictor.device.type,
-        "crops": prediction.crops,
-    }
+    result["inference"] = {**stages.predictor.arithmetic(), "crops": prediction.crops}
     result["findings"] = prediction.as_dict()["findings"]
     result["not_assessable"] = dict(prediction.not_assessable)
     result["triage"] = assess(result["findings"], stages.triage_rules).as_dict()

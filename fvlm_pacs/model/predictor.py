@@ -363,6 +363,11 @@ class Predictor:
 
         return encode
 
+    def arithmetic(self) -> dict[str, str]:
+        """How this predictor computes scores (mode, resolved precision, device), recorded next
+        to every result and evaluation that depends on it."""
+        return {"mode": self.mode, "precision": self.precision, "device": self.device.type}
+
     # -- prediction -----------------------------------------------------------------------
     def predict(self, volume: Volume, labelmap: LabelMap) -> list[Finding]:
         """The findings of :meth:`run` (table order); see there."""
