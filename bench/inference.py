@@ -98,25 +98,16 @@ def vit_b_model_dir(root: Path) -> Path:
     """ViT-B image path (random weights) with a small text tower, saved in our format: the
     Predictor needs the text tower only once, to fill the prompt bank."""
     import dataclasses
-    import string
 
-    from fvlm_pacs.codes import load_anatomies, load_findings
+    from predictor_load import prompt_vocab_dir  # bench/ is on sys.path (script directory)
+
     from fvlm_pacs.model import save_model, tiny
     from fvlm_pacs.model.text import load_tokenizer
 
-    words = {
-        w.lower().strip(".")
-        for f in load_findings(load_anatomies("ct-rate"))
-        for w in f"{f.positive} {f.negative}".split()
-    }
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + sorted(words)
-    vocab += list(string.ascii_lowercase)
-    text_dir = root / "text"
-    text_dir.mkdir(parents=True, exist_ok=True)
-    (text_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    config = dataclasses.replace(vit_b(), text=tiny(vocab_size=len(vocab)).text)
+    tokenizer = load_tokenizer(prompt_vocab_dir(root / "text"))
+    config = dataclasses.replace(vit_b(), text=tiny(vocab_size=tokenizer.vocab_size).text)
     torch.manual_seed(0)
-    model = FvlmModel(config, tokenizer=load_tokenizer(text_dir)).eval()
+    model = FvlmModel(config, tokenizer=tokenizer).eval()
     return save_model(model, root / "model", "bench-vitb", "0")
 
 

@@ -64,15 +64,12 @@ def proc_status() -> dict[str, float]:
     return out
 
 
-def build(folder: Path) -> dict[str, Any]:
-    """Random ViT-B + BERT-base weights saved in our format, with a small local tokenizer."""
+def prompt_vocab_dir(text_dir: Path) -> Path:
+    """A WordPiece ``vocab.txt`` with every word of the CT-RATE prompts (so prompts embed
+    differently, not all as [UNK]); shared with ``inference.py``."""
     import string
 
-    import torch
-
     from fvlm_pacs.codes import load_anatomies, load_findings
-    from fvlm_pacs.model import FvlmModel, save_model, vit_b
-    from fvlm_pacs.model.text import load_tokenizer
 
     words = {
         w.lower().strip(".")
@@ -80,9 +77,19 @@ def build(folder: Path) -> dict[str, Any]:
         for w in f"{f.positive} {f.negative}".split()
     }
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + sorted(words)
-    text_dir = folder / "text"
     text_dir.mkdir(parents=True, exist_ok=True)
     (text_dir / "vocab.txt").write_text("\n".join(vocab + list(string.ascii_lowercase)) + "\n")
+    return text_dir
+
+
+def build(folder: Path) -> dict[str, Any]:
+    """Random ViT-B + BERT-base weights saved in our format, with a small local tokenizer."""
+    import torch
+
+    from fvlm_pacs.model import FvlmModel, save_model, vit_b
+    from fvlm_pacs.model.text import load_tokenizer
+
+    text_dir = prompt_vocab_dir(folder / "text")
     t = time.perf_counter()
     torch.manual_seed(0)
     model = FvlmModel(vit_b(), tokenizer=load_tokenizer(text_dir)).eval()
