@@ -16,8 +16,9 @@ from transformers import BertModel
 from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.model import FvlmModel, ModelConfig, pair_score, score_findings, tiny, vit_b
 from fvlm_pacs.model.anatomy import pool_anatomies, token_selector
-from fvlm_pacs.model.checkpoint import infer_vision_config
+from fvlm_pacs.model.checkpoint import CheckpointError, infer_vision_config
 from fvlm_pacs.model.config import TextConfig, VisionConfig
+from fvlm_pacs.model.intensity import window_channels
 from fvlm_pacs.model.text import bert_config, load_tokenizer
 from fvlm_pacs.model.vit import VisionTransformer3D
 
@@ -172,6 +173,12 @@ def test_vit_b_key_set_and_shapes_on_meta_device() -> None:
     # and the released dims are recovered from those shapes alone
     prefixed = {f"visual_encoder.{k}": v for k, v in state.items()}
     assert infer_vision_config(prefixed) == VisionConfig()
+    # which HU window each of several input channels is cannot be read from the weights
+    prefixed["visual_encoder.patch_embedding.patch_embeddings.weight"] = torch.empty(
+        768, 4, 16, 16, 32, device="meta"
+    )
+    with pytest.raises(CheckpointError, match="hu_windows"):
+        infer_vision_config(prefixed)
 
 
 def test_vit_levels_grid_and_layer_norm_eps() -> None:
@@ -242,18 +249,20 @@ def test_position_embedding_interpolates_to_another_grid() -> None:
 
 
 def test_patch_embedding_is_the_conv3d_it_stores() -> None:
-    """The patchify-as-one-matrix-product equals the Conv3d whose parameters it keeps, with
-    several channels and a batch, token order D-major then H then W."""
+    """The windowed patchify-as-one-matrix-product equals the Conv3d whose parameters it keeps
+    applied to the windowed image, with several windows and a batch, token order D-major then
+    H then W."""
     torch.manual_seed(0)
     cfg = VisionConfig(
         in_channels=2, patch_size=(4, 8, 16), img_size=(8, 16, 32), hidden_size=24,
         num_layers=1, num_heads=2, mlp_dim=48, level_blocks=(),
+        hu_windows=((-1150, 350), (130, 1130)),
     )  # fmt: skip
     pe = VisionTransformer3D(cfg).patch_embedding
-    x = torch.randn(3, 2, 12, 24, 64)
+    x = torch.rand(3, 1, 12, 24, 64) * 1.5  # scaled HU up to 1100 HU
     with torch.no_grad():
         tokens, grid = pe(x)
-        conv = pe.patch_embeddings(x)  # [B, C, D', H', W']
+        conv = pe.patch_embeddings(window_channels(x, cfg.hu_windows))  # [B, C, D', H', W']
     assert grid == (3, 3, 4)
     expected = conv.flatten(2).transpose(1, 2) + pe.position_embedding_for(grid)
     torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-5)

@@ -116,7 +116,11 @@ def test_spacing_and_window() -> None:
     assert abs(extent[0] - 50 / 3) <= 1.5
     assert abs(extent[1] - 60) <= 2 and abs(extent[2] - 60) <= 2
     inside = grid.image[grid.labels == 1]
-    assert np.allclose(inside, 1.0)  # 350 HU is the window's top
+    assert np.allclose(inside, 1.0)  # 350 HU is the release window's top
+    bone = volume(a, shape, lambda x, y, z: np.full(x.shape, 1000.0 + 0 * x))
+    dense = to_model_grid(bone, sampled(a, shape, two_boxes), 2).image
+    # nothing above the window is clipped here: the model clips to its own windows
+    assert np.allclose(dense[grid.labels == 1], 2150 / 1500, atol=1e-4)
     low = volume(a, shape, lambda x, y, z: np.full(x.shape, -1150.0 + 0 * x))
     # float32 sampling grid: the bottom of the window within 0.02 HU
     assert np.allclose(to_model_grid(low, sampled(a, shape, two_boxes), 2).image, 0.0, atol=1e-5)

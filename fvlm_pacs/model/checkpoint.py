@@ -138,6 +138,11 @@ def infer_vision_config(state: Mapping[str, torch.Tensor]) -> VisionConfig:
             f"position embedding has {n_tokens} tokens for patch {patch}: cannot infer the "
             "nominal image size; pass config"
         )
+    if in_ch != 1:
+        raise CheckpointError(
+            f"the patch embedding takes {in_ch} input channels: which HU window each one is "
+            "cannot be inferred from the weights; pass a config with vision.hu_windows"
+        )
     levels = _NOMINAL.level_blocks if layers == _NOMINAL.num_layers else _scaled_levels(layers)
     return VisionConfig(
         in_channels=in_ch,

@@ -34,10 +34,37 @@ def _triple(value: Any, name: str) -> tuple[int, int, int]:
     return (out[0], out[1], out[2])
 
 
+RELEASED_HU_WINDOW = (-1150.0, 350.0)
+"""The release's one intensity window (FVLM.md): HU clipped to it and scaled to [0, 1]."""
+
+
+def _windows(value: Any) -> tuple[tuple[float, float], ...]:
+    try:
+        out = tuple((float(low), float(high)) for low, high in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"vision.hu_windows must be a list of [low, high] HU pairs, got {value!r}"
+        ) from exc
+    if not out:
+        raise ConfigError("vision.hu_windows must name at least one window")
+    for low, high in out:
+        if not RELEASED_HU_WINDOW[0] <= low < high:
+            raise ConfigError(
+                f"vision.hu_windows: [{low}, {high}] must have "
+                f"{RELEASED_HU_WINDOW[0]} <= low < high (HU)"
+            )
+    return out
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """3D ViT in MONAI naming. ``level_blocks`` are the 0-based blocks whose residual stream is
-    exposed as a token level (the final normed output is always the last level)."""
+    exposed as a token level (the final normed output is always the last level).
+
+    ``hu_windows`` are the (low, high) HU windows the image is clipped to, one input channel each
+    (see :mod:`fvlm_pacs.model.intensity`); ``in_channels`` must equal their number. The
+    release has one, [−1150, 350]; a window may not start below −1150 HU, the input's floor.
+    """
 
     in_channels: int = 1
     patch_size: tuple[int, int, int] = (16, 16, 32)
@@ -49,8 +76,15 @@ class VisionConfig:
     qkv_bias: bool = False
     layer_norm_eps: float = 1e-5
     level_blocks: tuple[int, ...] = (3, 6, 9)
+    hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "hu_windows", _windows(self.hu_windows))
+        if self.in_channels != len(self.hu_windows):
+            raise ConfigError(
+                f"vision.in_channels ({self.in_channels}) must equal the number of "
+                f"vision.hu_windows ({len(self.hu_windows)}): one channel per window"
+            )
         object.__setattr__(self, "patch_size", _triple(self.patch_size, "vision.patch_size"))
         object.__setattr__(self, "img_size", _triple(self.img_size, "vision.img_size"))
         object.__setattr__(self, "level_blocks", tuple(int(b) for b in self.level_blocks))

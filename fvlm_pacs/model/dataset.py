@@ -5,7 +5,7 @@
 ========== ======================= ==========================================================
 key        type / shape            meaning
 ========== ======================= ==========================================================
-image      float32 [1, D, H, W]    HU clipped to [-1150, 350] and scaled to [0, 1]
+image      float32 [1, D, H, W]    scaled HU: -1150 -> 0, 350 -> 1 (``intensity.scale_hu``)
 labels     int64 [D, H, W]         0 background, k = k-th anatomy (1-based), same crop/flips
 texts      list of K str           anatomy-wise text, or the normal template when normal
 normal     bool [K]                anatomy not mentioned as abnormal in the impression
@@ -27,10 +27,10 @@ sub-voxel grid alignment at the volume edges, which random cropping dwarfs. ``re
 keeps the native spacing (the synthetic phantoms are stored at 3 × 1.5 × 1.5 mm; a cheap demo may
 train on them as they are, at the cost of in-plane scale mismatch with inference).
 
-Preprocessing (orientation, resampling, windowing input, context crop) runs once per case and is
+Preprocessing (orientation, resampling, context crop) runs once per case and is
 cached in memory and, with ``cache_dir``, as ``.npz`` files keyed by case id and the grid
 settings. The cache stores HU as int16 (rounded after resampling) and the labels as uint8; the
-window is applied per item on the crop only.
+scaling is applied per item on the crop only; the model clips to its own windows.
 
 Augmentation (``train=True``): a random crop of ``crop`` (uniform start; a dimension smaller than
 the crop is end-padded with 0 = air/background, as inference pads), then a flip of each axis with
@@ -70,7 +70,8 @@ from torch.utils.data import Dataset
 from ..geometry import LPS_TO_RAS
 from ..phantoms import FINDINGS
 from ..reports import CT_RATE_ANATOMIES, Decomposer, RuleBasedDecomposer, normal_text, split_report
-from .preprocess import CONTEXT_MARGIN, HU_WINDOW, MODEL_SPACING_MM
+from .intensity import scale_hu
+from .preprocess import CONTEXT_MARGIN, MODEL_SPACING_MM
 
 log = logging.getLogger(__name__)
 
@@ -638,8 +639,7 @@ class ManifestDataset(Dataset[dict[str, Any]]):
             bool(prep.voxels[k] > 0 and in_crop[k] == prep.voxels[k])
             for k in range(1, len(self.anatomies) + 1)
         ]
-        lo, hi = HU_WINDOW
-        image = (np.clip(hu.astype(np.float32), lo, hi) - lo) / (hi - lo)
+        image = scale_hu(hu)
         image[pad[0], :, :] = 0.0
         image[:, pad[1], :] = 0.0
         image[:, :, pad[2]] = 0.0

@@ -172,11 +172,20 @@ class FvlmModel(nn.Module):
         log.info("fVLM %s %s: text tower dropped", self.name, self.version)
 
     # -- encoders --------------------------------------------------------------------------
+    def encode_tokens(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The ViT's token levels for scaled-HU ``image`` [B, 1, D, H, W] (see
+        :mod:`~fvlm_pacs.model.intensity`) on this model's device and dtype."""
+        param = self.temp
+        image = image.to(device=param.device, dtype=self.visual_encoder.norm.weight.dtype)
+        levels, _grid = self.visual_encoder(image)
+        return levels
+
     def encode_anatomies(self, image: torch.Tensor, labelmap: torch.Tensor) -> torch.Tensor:
         """[B, K, embed_dim] L2-normalised anatomy embeddings; a NaN row where anatomy k is absent.
 
-        ``image`` float [B, 1, D, H, W] in [0, 1]; ``labelmap`` int [B, D, H, W] on the same grid
-        (0 background, k = the k-th anatomy, 1-based). D, H, W must be multiples of the patch.
+        ``image`` float [B, 1, D, H, W], scaled HU (:func:`~fvlm_pacs.model.intensity.scale_hu`);
+        ``labelmap`` int [B, D, H, W] on the same grid (0 background, k = the k-th anatomy,
+        1-based). D, H, W must be multiples of the patch.
         """
         if labelmap.shape != image.shape[:1] + image.shape[2:]:
             raise ValueError(
@@ -184,8 +193,7 @@ class FvlmModel(nn.Module):
                 "without the channel axis"
             )
         param = self.temp
-        image = image.to(device=param.device, dtype=self.visual_encoder.norm.weight.dtype)
-        levels, _grid = self.visual_encoder(image)
+        levels = self.encode_tokens(image)
         selector = token_selector(
             labelmap.to(param.device), len(self.anatomies), self.config.vision.patch_size
         )

@@ -9,7 +9,9 @@ FVLM.md's recipe, with every convention written down because each one moves the 
 2. **Spacing** — resampled to 3 × 1 × 1 mm along (slice, row, column) = (z, y, x): trilinear for
    the image, nearest neighbour for the labels (MONAI ``Spacing``); only the anatomies plus the
    context margin are resampled (the rest never reaches the model).
-3. **Window** — HU clipped to [−1150, 350] and scaled to [0, 1] (MONAI ``ScaleIntensityRange``).
+3. **Scale** — HU mapped linearly so that −1150 → 0 and 350 → 1 (the release's window), clipped
+   at −1150 and 3071 HU only (:func:`~fvlm_pacs.model.intensity.scale_hu`): the model clips to
+   its own windows (``vision.hu_windows``; the release's one window gives [0, 1] as before).
 4. **Context crop** — the union bounding box of all anatomies, plus 5 slices and 20 pixels, then
    zero-padded at the end to at least (112, 256, 352).
 5. **Anatomy crops** — for each anatomy a crop of at least (112, 288, 352) centred on it (wider
@@ -29,17 +31,18 @@ import highdicom as hd
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import ScaleIntensityRange, Spacing
+from monai.transforms import Spacing
 
 from fvlm_pacs.domain import Volume
 from fvlm_pacs.geometry import LPS_TO_RAS
+
+from .intensity import scale_hu
 
 log = logging.getLogger(__name__)
 
 MODEL_ORIENTATION = "FPL"
 """Axis 0 towards the feet, axis 1 towards posterior, axis 2 towards the patient's left."""
 MODEL_SPACING_MM = (3.0, 1.0, 1.0)
-HU_WINDOW = (-1150.0, 350.0)
 CONTEXT_MARGIN = (5, 20, 20)
 CONTEXT_MIN_SHAPE = (112, 256, 352)
 CROP_MIN_SHAPE = (112, 288, 352)
@@ -51,7 +54,8 @@ MIN_KEPT_FRACTION = 0.9
 class ModelGrid:
     """Image and labels on the model's grid, after the context crop.
 
-    ``image`` float32 [D, H, W] in [0, 1]; ``labels`` int16 [D, H, W], 0 = background, k = k-th
+    ``image`` float32 [D, H, W], scaled HU (0 = −1150 HU, 1 = 350 HU, see
+    :func:`~fvlm_pacs.model.intensity.scale_hu`); ``labels`` int16 [D, H, W], 0 = background, k = k-th
     anatomy. ``voxels`` counts each anatomy's voxels on this grid (index 0 unused), so crops can
     tell how much of an anatomy they keep.
     """
@@ -123,7 +127,7 @@ def _around_anatomies(
 
 
 def to_model_grid(volume: Volume, labelmap: np.ndarray, n_anatomies: int) -> ModelGrid:
-    """Steps 1–4: orientation, spacing, window, context crop and pad.
+    """Steps 1–4: orientation, spacing, scale, context crop and pad.
 
     ``labelmap`` is on ``volume``'s grid (same shape, same voxel order).
     """
@@ -138,10 +142,7 @@ def to_model_grid(volume: Volume, labelmap: np.ndarray, n_anatomies: int) -> Mod
     lab_f = labels.array.astype(np.float32)
     lab = np.rint(_resampled(lab_f, labels.affine, "nearest")).astype(np.int16)
     lab[(lab < 0) | (lab > n_anatomies)] = 0
-    window = ScaleIntensityRange(
-        a_min=HU_WINDOW[0], a_max=HU_WINDOW[1], b_min=0.0, b_max=1.0, clip=True
-    )
-    scaled = np.asarray(window(hu), dtype=np.float32)
+    scaled = scale_hu(hu)
     if lab.any():
         lo, hi = _bbox(lab > 0)
         lo = np.maximum(lo - np.array(CONTEXT_MARGIN), 0)

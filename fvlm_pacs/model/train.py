@@ -289,7 +289,7 @@ class _Objective(nn.Module):
         cfg = self.model.config
         tau = self.model.temp.clamp(cfg.temperature_min, cfg.temperature_max)
         if clip:
-            levels, _ = self.model.visual_encoder(image)
+            levels = self.model.encode_tokens(image)
             img = clip_image_embedding(levels[-1], self.clip_proj).float()
             return img, self._encode_unique(texts), tau
         img = self.model.encode_anatomies(image, labels)

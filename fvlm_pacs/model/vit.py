@@ -18,7 +18,9 @@ names of MONAI 1.3's ViT (no CLS token, ``proj_type="conv"``, learnable position
 and computes the same function (pre-norm blocks, exact GELU, LayerNorm eps 1e-5), using
 ``torch.nn.functional.scaled_dot_product_attention`` so GPUs get flash/memory-efficient kernels.
 
-Axes: input ``[B, C, D, H, W]`` with D = slices (z), H = rows, W = columns; the patch
+Input: one channel of scaled HU; the patch embedding clips it to the config's HU windows (one
+Conv3d input channel each; the release has one, [−1150, 350], i.e. ``clip(x, 0, 1)``).
+Axes: input ``[B, 1, D, H, W]`` with D = slices (z), H = rows, W = columns; the patch
 (16, 16, 32) applies to (D, H, W). Tokens are ordered D-major, then H, then W (the order of
 ``Conv3d(...).flatten(2)``), which is also the order the anatomy selector uses.
 """
@@ -32,16 +34,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .intensity import window_channels
 
 log = logging.getLogger(__name__)
 
 
 class PatchEmbedding(nn.Module):
-    """Conv patchify + learned absolute position embedding (MONAI ``PatchEmbeddingBlock``)."""
+    """HU windows + conv patchify + learned absolute position embedding (MONAI
+    ``PatchEmbeddingBlock`` after :func:`~fvlm_pacs.model.intensity.window_channels`)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.grid = cfg.grid
+        self.windows = cfg.hu_windows
         self.patch_embeddings = nn.Conv3d(
             cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size
         )
@@ -61,21 +66,26 @@ class PatchEmbedding(nn.Module):
         return vol.permute(0, 2, 3, 4, 1).reshape(1, -1, c).to(pos.dtype)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Patchify as one matrix product with the Conv3d's own weights.
+        """Window and patchify scaled HU ``x`` [B, 1, D, H, W] as one matrix product with the
+        Conv3d's own weights, which equals the Conv3d on ``window_channels(x)``.
 
         A convolution whose kernel equals its stride is a matrix product over non-overlapping
         patches; oneDNN's Conv3d with a 16 × 16 × 32 kernel is no faster than that product in
         fp32 and an order of magnitude slower in bf16 (0.8 s of a 1.6 s ViT-B crop under CPU
         autocast), so the layer keeps its parameters (the checkpoint's names) but not its kernel.
+        The HU windows are applied after patchifying, so only the one input channel is
+        re-ordered, not one copy per window.
         """
-        b, c, size_d, size_h, size_w = x.shape
+        b, _, size_d, size_h, size_w = x.shape
         pd, ph, pw = self.patch_embeddings.kernel_size
         d, h, w = size_d // pd, size_h // ph, size_w // pw
         patches = (
-            x.reshape(b, c, d, pd, h, ph, w, pw)
+            x.reshape(b, 1, d, pd, h, ph, w, pw)
             .permute(0, 2, 4, 6, 1, 3, 5, 7)
-            .reshape(b, d * h * w, c * pd * ph * pw)
+            .reshape(b, d * h * w, 1, pd * ph * pw)
         )
+        # [B, N, windows, voxels]: channel-major within a patch, as the Conv3d weight is laid out
+        patches = window_channels(patches, self.windows, dim=2).reshape(b, d * h * w, -1)
         weight = self.patch_embeddings.weight
         tokens = F.linear(patches, weight.reshape(weight.shape[0], -1), self.patch_embeddings.bias)
         return tokens + self.position_embedding_for((d, h, w)), (d, h, w)
@@ -136,15 +146,15 @@ class VisionTransformer3D(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, image: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int, int]]:
-        """``image`` [B, C, D, H, W] with each of D, H, W a multiple of the patch size.
+        """``image`` [B, 1, D, H, W], scaled HU (:func:`~fvlm_pacs.model.intensity.scale_hu`),
+        with each of D, H, W a multiple of the patch size; the patch embedding clips it to the
+        config's ``hu_windows``.
 
         Returns ``([after block l for l in level_blocks] + [final normed output], grid)``; every
         level is [B, N, hidden] with N = D'·H'·W'.
         """
-        if image.ndim != 5 or image.shape[1] != self.cfg.in_channels:
-            raise ValueError(
-                f"image must be [B, {self.cfg.in_channels}, D, H, W], got {tuple(image.shape)}"
-            )
+        if image.ndim != 5 or image.shape[1] != 1:
+            raise ValueError(f"image must be scaled HU [B, 1, D, H, W], got {tuple(image.shape)}")
         for size, patch, axis in zip(image.shape[2:], self.cfg.patch_size, "DHW", strict=True):
             if size % patch:
                 raise ValueError(
