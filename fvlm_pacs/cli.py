@@ -164,6 +164,12 @@ def parser() -> argparse.ArgumentParser:
         choices=["fvlm", "fvlm-coteach"],
         help="fvlm, or fvlm-coteach (two networks, about twice the time per step)",
     )
+    demo.add_argument(
+        "--negative-prompts",
+        choices=["normal-template", "release"],
+        help="the model's negative prompts: each anatomy's normal template (prompts.yaml), or "
+        "the release's 'Not X.' of mappings/findings.yaml",
+    )
     demo.add_argument("--work", type=Path, default=Path("fvlm-demo-build"), help="scratch folder")
     demo.add_argument("--out", type=Path, help="default: the package's models/demo folder")
     return p
@@ -254,7 +260,7 @@ def _build_demo(args: argparse.Namespace) -> int:
     """Rebuild the shipped demo model (minutes on a CPU) and print its measured mean AUC."""
     from fvlm_pacs.model.demo_build import EVAL_FILE, DemoRecipe, build_demo
 
-    keys = ("cases", "steps", "seg_steps", "seed", "vit_width", "objective")
+    keys = ("cases", "steps", "seg_steps", "seed", "vit_width", "objective", "negative_prompts")
     given = {k: getattr(args, k) for k in keys}
     recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
     try:
@@ -378,7 +384,7 @@ def _zero_shot(args: argparse.Namespace) -> int:
     if args.command == "calibrate":
         out = args.out or args.model / "thresholds.json"
         found = calibrate(scored.scores, scored.labels)
-        write_thresholds(out, found, predictor.info.sha256)
+        write_thresholds(out, found, predictor.info.sha256, predictor.prompt_pairs())
         print(f"{len(found)} thresholds from {len(ids)} {args.split} cases written to {out}")
         return 0
     report = evaluate(scored.scores, scored.labels, predictor.thresholds)

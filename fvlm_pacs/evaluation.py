@@ -328,12 +328,20 @@ def calibrate(
     return out
 
 
-def write_thresholds(path: str | Path, thresholds: Mapping[str, float], model_sha256: str) -> Path:
-    """Write ``{"model_sha256", "thresholds", "method"}`` atomically (temp file, fsync, rename).
+def write_thresholds(
+    path: str | Path,
+    thresholds: Mapping[str, float],
+    model_sha256: str,
+    prompts: Mapping[str, tuple[str, str]] | None = None,
+) -> Path:
+    """Write ``{"model_sha256", "method", "thresholds"[, "prompts"]}`` atomically (temp file,
+    fsync, rename).
 
     This is the format :func:`fvlm_pacs.model.predictor.load_thresholds` accepts; the sha256
-    binds the thresholds to the weights they were calibrated for. Every threshold must be a
-    finite number in [0, 1] (the predictor's scores are probabilities).
+    binds the thresholds to the weights they were calibrated for, ``prompts`` ({finding:
+    (positive, negative)}, e.g. ``Predictor.prompt_pairs()``) to the prompt pairs whose scores
+    they cut. Every threshold must be a finite number in [0, 1] (the predictor's scores are
+    probabilities).
     """
     if not isinstance(model_sha256, str) or not model_sha256.strip():
         raise ValueError("model_sha256 must name the weights the thresholds were calibrated for")
@@ -351,6 +359,8 @@ def write_thresholds(path: str | Path, thresholds: Mapping[str, float], model_sh
         "method": CALIBRATION_METHOD,
         "thresholds": dict(sorted(clean.items())),
     }
+    if prompts is not None:
+        payload["prompts"] = {name: list(pair) for name, pair in sorted(prompts.items())}
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(payload, indent=2) + "\n"

@@ -60,6 +60,7 @@ from ..errors import ConfigError
 from .checkpoint import read_meta, resolve_model_path
 from .config import ModelConfig
 from .fvlm import FvlmModel
+from .model_prompts import apply_model_prompts, default_prompts_path
 from .preprocess import AnatomyCrop, anatomy_crops, context_crop, group_by_shape, to_model_grid
 from .prompts import PromptBank
 
@@ -189,6 +190,7 @@ def load_thresholds(
                 f"thresholds: {p} was calibrated for weights {str(sha)[:12]}, "
                 f"not for this model ({model_sha256[:12]})"
             )
+        _check_prompts(p, data.get("prompts"), findings)
         data = data["thresholds"]
     names = {f.name for f in findings}
     out: dict[str, float] = {}
@@ -205,6 +207,20 @@ def load_thresholds(
             raise ConfigError(f"thresholds: {p}: {name} must be a number in [0, 1], got {value!r}")
         out[name] = float(value)
     return out
+
+
+def _check_prompts(path: Path, recorded: Any, findings: Sequence[FindingDefinition]) -> None:
+    """A threshold is a cut on one prompt pair's score: refuse it for another pair (the table's
+    or the model's ``prompts.yaml`` edited after calibration)."""
+    if not isinstance(recorded, dict):
+        return  # written before thresholds recorded their prompts
+    for f in findings:
+        pair = recorded.get(f.name)
+        if pair is not None and list(pair) != [f.positive, f.negative]:
+            raise ConfigError(
+                f"thresholds: {path}: {f.name} was calibrated with the prompts {list(pair)}, "
+                f"not {[f.positive, f.negative]}; run `fvlm-pacs calibrate` again"
+            )
 
 
 def default_thresholds_path(model_path: str | Path) -> Path:
@@ -305,17 +321,22 @@ class Predictor:
         warm = False
         bank: PromptBank | None = None
         defs: tuple[FindingDefinition, ...] = ()
+        prompts_file = default_prompts_path(model_path)
         if model_path.is_dir():
             meta = read_meta(model_path)
             anatomies = ModelConfig.from_dict(meta["model"]).anatomies
-            defs = self._findings_for(anatomies, anatomy_table, findings)
+            defs = apply_model_prompts(
+                prompts_file, self._findings_for(anatomies, anatomy_table, findings)
+            )
             bank = PromptBank.for_model(model_path, str(meta["sha256"]), cache_dir)
             warm = not bank.missing(_prompts(defs))
         model = FvlmModel.from_checkpoint(
             model_path, text_model_dir=text_model_dir, device=self.device, with_text=not warm
         ).eval()
         if bank is None:  # the released file: its anatomies and sha256 are known only now
-            defs = self._findings_for(model.anatomies, anatomy_table, findings)
+            defs = apply_model_prompts(
+                prompts_file, self._findings_for(model.anatomies, anatomy_table, findings)
+            )
             bank = PromptBank.for_model(model_path, model.sha256, cache_dir)
         prompts = _prompts(defs)
         if warm:
@@ -362,6 +383,10 @@ class Predictor:
                 return model.encode_text(texts)
 
         return encode
+
+    def prompt_pairs(self) -> dict[str, tuple[str, str]]:
+        """{finding: (positive, negative)} as scored, which calibrated thresholds record."""
+        return {f.name: (f.positive, f.negative) for f in self.findings}
 
     def arithmetic(self) -> dict[str, str]:
         """How this predictor computes scores (mode, resolved precision, device), recorded next
