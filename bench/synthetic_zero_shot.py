@@ -2,7 +2,7 @@
 
     python bench/synthetic_zero_shot.py [--cases 240] [--steps 120] [--batch 8] [--lr 1e-4]
         [--seed 0] [--out DIR] [--keep]
-        [--normal-wording template|report]
+        [--normal-wording template|report] [--hu-windows release|four]
         [--variants fvlm,fvlm-no-correction,fvlm-coteach,clip,mask-count]
 
 What it does:
@@ -14,7 +14,8 @@ What it does:
    :func:`~fvlm_pacs.model.zeroshot_eval.dataset_split` (70/15/15, ``--seed``) and writes one
    manifest per part (same columns, rows filtered), since the trainer reads a whole manifest.
 2. Trains every model variant on the TRAIN manifest only, from scratch, with the same
-   :class:`~fvlm_pacs.model.train.TrainConfig` except ``objective``: model ``tiny``, crop
+   :class:`~fvlm_pacs.model.train.TrainConfig` except ``objective``: model ``tiny`` (input
+   windows ``--hu-windows``: the release's one, or four standard ones), crop
    (96, 176, 288) (holds the whole context, so ``inside`` is true and every step sees whole
    anatomies), ``--steps`` steps of ``--batch``, warm-up 10 % of the steps, peak ``--lr``
    (default 1e-4, the trainer's and FVLM.md's; cosine to 1e-6), same seed, same preprocessing cache, CPU fp32. The tokenizer is the
@@ -87,8 +88,10 @@ if str(REPO) not in sys.path:
 
 from fvlm_pacs.codes import FindingDefinition, load_findings  # noqa: E402
 from fvlm_pacs.evaluation import roc_auc  # noqa: E402
-from fvlm_pacs.model import FvlmModel, Predictor  # noqa: E402
+from fvlm_pacs.model import FvlmModel, Predictor, tiny  # noqa: E402
+from fvlm_pacs.model.config import RELEASED_HU_WINDOW  # noqa: E402
 from fvlm_pacs.model.dataset import ManifestDataset, collate  # noqa: E402
+from fvlm_pacs.model.intensity import FOUR_WINDOWS  # noqa: E402
 from fvlm_pacs.model.losses import clip_image_embedding  # noqa: E402
 from fvlm_pacs.model.predictor import anatomy_table_for  # noqa: E402
 from fvlm_pacs.model.train import OBJECTIVES, TrainConfig, train  # noqa: E402
@@ -101,6 +104,7 @@ CROP = (96, 176, 288)
 MODEL_VARIANTS = ("fvlm", "fvlm-no-correction", "fvlm-coteach", "clip")
 ALL_VARIANTS = (*MODEL_VARIANTS, "mask-count")
 DEFAULT_VARIANTS = ("fvlm", "fvlm-no-correction", "clip", "mask-count")
+HU_WINDOWS = {"release": (RELEASED_HU_WINDOW,), "four": FOUR_WINDOWS}
 
 
 BOOTSTRAP = 500
@@ -173,7 +177,7 @@ def score_train_grid(
         batch = collate([ds[i] for i in range(start, min(len(ds), start + 4))])
         with torch.inference_mode():
             if proj is not None:
-                levels, _ = model.visual_encoder(batch["image"])
+                levels = model.encode_tokens(batch["image"])
                 g = clip_image_embedding(levels[-1], proj).float()  # [B, E]
                 rows.append(prompt_scores(g[:, None, :], pos, neg, tau))
                 images.append(g)
@@ -305,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         help="normal anatomies' training text: the template (FVLM.md) or the report's own words "
         "(what lets fvlm-no-correction differ from fvlm)",
     )
+    ap.add_argument(
+        "--hu-windows",
+        choices=list(HU_WINDOWS),
+        default="release",
+        help="the model's input windows, every variant: the release's one [-1150, 350] or four "
+        "standard ones (intensity.FOUR_WINDOWS)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fvlm_synth_zs")
     ap.add_argument(
@@ -354,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\nnormal anatomies' training text: {args.normal_wording}; "
+        f"HU windows: {args.hu_windows} {HU_WINDOWS[args.hu_windows]}; "
         f"co-teaching: {'run' if 'fvlm-coteach' in variants else 'not run'} "
         f"(trainer objectives {OBJECTIVES})"
     )
@@ -363,12 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     vocab: dict[str, str] = {}
     ds_eval = eval_items(test_m, cache, args.seed)
     templates = [normal_text(d.anatomy) for d in defs]
+    windows = HU_WINDOWS[args.hu_windows]
+    model_cfg = tiny().to_dict()
+    del model_cfg["text"]["vocab_size"]  # the trainer's tokenizer sets it
+    model_cfg["vision"].update(hu_windows=[list(w) for w in windows], in_channels=len(windows))
     for variant in [v for v in variants if v in MODEL_VARIANTS]:
         run_dir = out / "runs" / variant
         cfg = TrainConfig(
             manifest=train_m,
             out_dir=run_dir,
-            model="tiny",
+            model="tiny" if args.hu_windows == "release" else model_cfg,
             crop=CROP,
             cache_dir=cache,
             steps=args.steps,

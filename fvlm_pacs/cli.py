@@ -166,9 +166,9 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--negative-prompts",
-        choices=["normal-template", "release"],
-        help="the model's negative prompts: each anatomy's normal template (prompts.yaml), or "
-        "the release's 'Not X.' of mappings/findings.yaml",
+        choices=["release", "normal-template"],
+        help="the model's negative prompts: the release's 'Not X.' of mappings/findings.yaml, "
+        "or each anatomy's normal template (written to the model's prompts.yaml)",
     )
     demo.add_argument("--work", type=Path, default=Path("fvlm-demo-build"), help="scratch folder")
     demo.add_argument("--out", type=Path, help="default: the package's models/demo folder")

@@ -128,13 +128,19 @@ def test_training_is_deterministic_per_seed(runs: Trained, tmp_path: Path) -> No
 def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> None:
     """A tiny recipe end to end: the network lands in <out>/segmentation, loads through the
     factory, and the card reports its held-out Dice."""
-    recipe = DemoRecipe(cases=6, steps=1, batch_size=2, seg_steps=2)
+    recipe = DemoRecipe(
+        cases=6, steps=1, batch_size=2, seg_steps=2, negative_prompts="normal-template"
+    )
     out = build_demo(recipe, tmp_path / "work", tmp_path / "demo")
     metrics = json.loads((out / "segmentation" / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["train_cases"] == 4 and metrics["test"]["cases"] == 1
     make_provider("builtin", table, model_dir=out / "segmentation").check()  # type: ignore[attr-defined]
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Segmentation network" in card and "--seg-steps 2" in card
+    # the model's own negative prompts ship with it and the thresholds name them
+    assert (out / "prompts.yaml").is_file() and "--negative-prompts normal-template" in card
+    recorded = json.loads((out / "thresholds.json").read_text())["prompts"]
+    assert recorded["emphysema"] == ["Emphysema.", "Lung shows no significant abnormalities."]
 
 
 def test_model_card_section_lists_dice(runs: Trained) -> None:

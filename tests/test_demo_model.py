@@ -96,14 +96,19 @@ def test_build_demo_command_uses_the_recipe_defaults(
 
 def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     """The default recipe trains exactly ``tiny()``; ``vit_width`` changes only the ViT width,
-    and the vocabulary size is left to the trainer's tokenizer."""
+    ``hu_windows`` only the input channels, and the vocabulary size is left to the trainer's
+    tokenizer."""
     from fvlm_pacs.model import demo_build
     from fvlm_pacs.model.config import ModelConfig, tiny
+    from fvlm_pacs.model.intensity import FOUR_WINDOWS
 
     default = demo_build.DemoRecipe().model_config()
     assert "vocab_size" not in default["text"]
     text = {**default["text"], "vocab_size": 317}
     assert ModelConfig.from_dict({**default, "text": text}) == tiny(vocab_size=317)
+    four = demo_build.DemoRecipe(hu_windows=FOUR_WINDOWS).model_config()
+    got = ModelConfig.from_dict({**four, "text": text}).vision
+    assert got.hu_windows == FOUR_WINDOWS and got.in_channels == 4
     wide = demo_build.DemoRecipe(vit_width=192).model_config()
     assert wide["vision"]["hidden_size"] == 192 and wide["vision"]["mlp_dim"] == 384
     assert {k: v for k, v in wide.items() if k != "vision"} == {

@@ -23,14 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fvlm_pacs.codes import load_findings
 from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.evaluation import EvalReport, calibrate, evaluate, write_thresholds
-from fvlm_pacs.model.checkpoint import demo_model_dir
-from fvlm_pacs.model.config import ModelConfig, tiny
-from fvlm_pacs.model.predictor import Predictor
+from fvlm_pacs.model.checkpoint import demo_model_dir, read_meta
+from fvlm_pacs.model.config import RELEASED_HU_WINDOW, ModelConfig, tiny
+from fvlm_pacs.model.model_prompts import PROMPTS_FILE, write_model_prompts
+from fvlm_pacs.model.predictor import THRESHOLDS_FILE, Predictor, anatomy_table_for
+from fvlm_pacs.model.prompts import BANK_FILE
 from fvlm_pacs.model.train import TrainConfig, train
 from fvlm_pacs.model.zeroshot_eval import dataset_split, part_manifest, score_cases
 from fvlm_pacs.phantoms import PhantomSpec, write_dataset
+from fvlm_pacs.reports import normal_text
 from fvlm_pacs.segmentation.builtin import SUBDIR as SEG_SUBDIR
 from fvlm_pacs.segmentation.builtin_train import train_builtin
 
@@ -39,6 +43,17 @@ log = logging.getLogger(__name__)
 DEMO_NAME = "fvlm-demo"
 CARD_FILE = "MODEL_CARD.md"
 EVAL_FILE = "eval.json"
+AFTER_TRAINING = (CARD_FILE, EVAL_FILE, THRESHOLDS_FILE, PROMPTS_FILE, BANK_FILE, SEG_SUBDIR)
+"""What :func:`finish_demo` makes: never copied from the trained folder it starts from."""
+
+
+NEGATIVE_PROMPTS = ("release", "normal-template")
+"""The demo's negative prompts: the release's "Not X." of ``mappings/findings.yaml`` (words the
+demo's text tower never saw), or each anatomy's normal template ("Lung shows no significant
+abnormalities.", what every normal anatomy is trained on) written to the model's
+``prompts.yaml`` (see :mod:`fvlm_pacs.model.model_prompts`). Measured on the shipped weights
+with 200 independent phantoms the two score the same (``bench/prompt_wording.py``), so the
+default stays the release's."""
 
 
 @dataclass(frozen=True)
@@ -48,14 +63,19 @@ class DemoRecipe:
     The phantom grid (48, 96, 128) at (6, 2.5, 2.5) mm is the benchmark's: a 288 × 240 × 320 mm
     chest whose anatomy context fits the training crop on the model's 3 × 1 × 1 mm grid, so every
     step sees whole anatomies. ``seg_steps`` is the builtin segmentation network's own budget
-    (0: no network is shipped). ``vit_width`` is the ViT's hidden size (MLP 2×, 4 heads); the
-    rest of the network is :func:`~fvlm_pacs.model.config.tiny`.
+    (0: no network is shipped). ``vit_width`` is the ViT's hidden size (MLP 2×, 4 heads) and
+    ``hu_windows`` its input channels; the rest of the network is
+    :func:`~fvlm_pacs.model.config.tiny`.
     """
 
     def __post_init__(self) -> None:
         # fail before minutes of phantom writing, not when training starts
         if self.objective not in ("fvlm", "fvlm-coteach"):
             raise ConfigError(f"objective: fvlm or fvlm-coteach, got {self.objective!r}")
+        if self.negative_prompts not in NEGATIVE_PROMPTS:
+            raise ConfigError(
+                f"negative_prompts: one of {NEGATIVE_PROMPTS}, got {self.negative_prompts!r}"
+            )
         data = self.model_config()
         data["text"]["vocab_size"] = 1  # any size: only the shapes are checked here
         ModelConfig.from_dict(data)
@@ -64,7 +84,12 @@ class DemoRecipe:
         """The network to train, as a model config without vocabulary size (the trainer fills
         in its tokenizer's)."""
         data = tiny().to_dict()
-        data["vision"].update(hidden_size=self.vit_width, mlp_dim=2 * self.vit_width)
+        data["vision"].update(
+            hidden_size=self.vit_width,
+            mlp_dim=2 * self.vit_width,
+            hu_windows=[list(w) for w in self.hu_windows],
+            in_channels=len(self.hu_windows),
+        )
         del data["text"]["vocab_size"]
         return data
 
@@ -79,7 +104,9 @@ class DemoRecipe:
     crop: tuple[int, int, int] = (96, 176, 288)
     seg_steps: int = 600
     vit_width: int = 64
+    hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,)
     objective: str = "fvlm"
+    negative_prompts: str = "release"
     version: str = "1"
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,23 +154,48 @@ def build_demo(
         )
     )
     train_s = time.perf_counter() - t0
+    timings = {"data_s": data_s, "train_s": train_s}
+    return finish_demo(recipe, trained, manifest, work_dir, out, timings, device=device)
 
+
+def finish_demo(
+    recipe: DemoRecipe,
+    trained: Path,
+    manifest: Path,
+    work_dir: Path,
+    out: Path,
+    timings: dict[str, float],
+    *,
+    device: str = "cpu",
+) -> Path:
+    """Everything after training: the model's prompts, thresholds calibrated on the validation
+    part, zero-shot evaluation on the test part, the segmentation network, the card; ``out`` is
+    replaced only once all of it succeeded.
+
+    Separate from :func:`build_demo` so that a change after training (e.g. the prompts) can be
+    applied to shipped weights by the same code a full rebuild runs; ``trained`` is the trained
+    model folder and ``manifest`` the recipe's phantoms.
+    """
+    split = dataset_split(manifest, recipe.seed)
+    train_manifest = part_manifest(manifest, split.train, "train")
     staging = work_dir / "model"
     if staging.exists():
         shutil.rmtree(staging)
-    shutil.copytree(trained, staging)
+    shutil.copytree(trained, staging, ignore=shutil.ignore_patterns(*AFTER_TRAINING))
+    write_demo_prompts(recipe, staging)
     t0 = time.perf_counter()
     predictor = Predictor(staging, device=device)
     root = manifest.parent
     val = score_cases(predictor, root, split.val)
     thresholds = calibrate(val.scores, val.labels)
-    write_thresholds(staging / "thresholds.json", thresholds, predictor.info.sha256)
+    write_thresholds(
+        staging / THRESHOLDS_FILE, thresholds, predictor.info.sha256, predictor.prompt_pairs()
+    )
     predictor = Predictor(staging, device=device)  # reload: the calibrated thresholds apply
     test = score_cases(predictor, root, split.test)
     report = evaluate(test.scores, test.labels, predictor.thresholds)
-    eval_s = time.perf_counter() - t0
+    timings = {**timings, "eval_s": time.perf_counter() - t0}
     (staging / EVAL_FILE).write_text(report.to_json() + "\n", encoding="utf-8")
-    timings = {"data_s": data_s, "train_s": train_s, "eval_s": eval_s}
     seg_metrics: dict[str, Any] | None = None
     if recipe.seg_steps > 0:
         t0 = time.perf_counter()
@@ -171,6 +223,16 @@ def build_demo(
     return out
 
 
+def write_demo_prompts(recipe: DemoRecipe, model_dir: Path) -> None:
+    """The model's own negative prompts (``prompts.yaml``) when the recipe asks for them."""
+    if recipe.negative_prompts == "release":
+        return
+    meta = read_meta(model_dir)
+    table = anatomy_table_for(ModelConfig.from_dict(meta["model"]).anatomies)
+    prompts = {f.name: {"negative": normal_text(f.anatomy)} for f in load_findings(table)}
+    write_model_prompts(model_dir / PROMPTS_FILE, prompts)
+
+
 def model_card(
     recipe: DemoRecipe,
     report: EvalReport,
@@ -194,8 +256,9 @@ def model_card(
         "",
         f"A tiny fVLM (ViT 4 blocks × {recipe.vit_width}, BERT 2 layers × 32 with a WordPiece "
         "vocabulary built from the synthetic reports, 16-d joint space, anatomies "
-        "lung/heart/esophagus/aorta) "
-        "trained from scratch with the fVLM objective (normal-sample correction on"
+        "lung/heart/esophagus/aorta; input channels: the HU windows "
+        + ", ".join(f"[{lo:g}, {hi:g}]" for lo, hi in recipe.hu_windows)
+        + ") trained from scratch with the fVLM objective (normal-sample correction on"
         + (
             "; co-teaching with a second network, the first is shipped"
             if recipe.objective == "fvlm-coteach"
@@ -227,8 +290,15 @@ def model_card(
         "",
         "## Zero-shot results on the held-out test part",
         "",
-        f"Mean AUC {mean_txt} (findings with both classes in the test part). Prompts: the "
-        "positive/negative pairs of `mappings/findings.yaml`.",
+        f"Mean AUC {mean_txt} (findings with both classes in the test part). Prompts: "
+        + (
+            "the positive/negative pairs of `mappings/findings.yaml`."
+            if recipe.negative_prompts == "release"
+            else 'the positive prompts of `mappings/findings.yaml` ("Emphysema."); as '
+            "negative prompt each anatomy's normal template (\"Lung shows no significant "
+            'abnormalities.", the text every normal anatomy was trained on), in '
+            "`prompts.yaml`."
+        ),
         "",
         report.to_markdown(),
         "",
@@ -242,7 +312,7 @@ def model_card(
         "```",
         f"fvlm-pacs model build-demo --cases {recipe.cases} --steps {recipe.steps} "
         f"--seg-steps {recipe.seg_steps} --seed {recipe.seed} --vit-width {recipe.vit_width} "
-        f"--objective {recipe.objective}",
+        f"--objective {recipe.objective} --negative-prompts {recipe.negative_prompts}",
         "```",
         "",
     ]

@@ -3,13 +3,14 @@
 Why: a zero-shot score compares the anatomy embedding with two prompt embeddings, so a prompt
 only works in words the text tower has learnt to place. The release was trained on CT-RATE
 reports with a pretrained BERT and is scored with "Emphysema." / "Not Emphysema." (FVLM.md). A
-model trained from scratch on a site's or the synthetic reports never saw "Not X.": its
+model trained from scratch on a site's (or the synthetic) reports never saw "Not X.": its
 normal anatomies were all trained on one sentence, the normal template ("Lung shows no
-significant abnormalities."). Measured on the demo model's training reports, the text tower
-alone ranks reports with a finding above those without at mean AUC 0.49 with "X." / "Not X."
-and 0.75 with "X." / the normal template — a model whose image embeddings matched its reports
-perfectly could not beat the first figure. So the words belong to the model, not to the site's
-findings table (which keeps the finding's anatomy, SR code and default threshold).
+significant abnormalities."), or on the site's own phrasing. The words are the model's, not
+the site's findings table's (which keeps the finding's anatomy, SR code and default threshold).
+Measured with ``bench/prompt_wording.py`` on demo-recipe models: the text tower alone ranks
+training reports with a finding above those without at mean AUC 0.67 with "X." / "Not X." and
+0.74 with "X." / the normal template (0.49 / 0.75 for a second training run), yet the image
+side on 200 held-out phantoms scores both alike, so the shipped demo keeps the release's.
 
 File (``prompts.yaml`` in a model folder, ``<stem>.prompts.yaml`` beside a released file)::
 

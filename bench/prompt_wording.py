@@ -1,0 +1,201 @@
+"""Which prompt wording a trained fVLM can be scored with: the release's, or its own normal template.
+
+    python bench/prompt_wording.py --model DIR --data DIR [--heldout DIR] [--seed 0] [--threads N]
+
+``--model``: a model folder of ours (with its text tower, e.g. a training run's ``model/``);
+``--data``: the phantoms it was trained on (``manifest.csv`` of ``fvlm-pacs synth`` or a demo
+build's ``data/``), split with :func:`~fvlm_pacs.model.zeroshot_eval.dataset_split` and
+``--seed`` as the trainer and the demo build split them. Two prompt sets, measured in the same
+run on the same weights:
+
+* ``release``: ``mappings/findings.yaml`` as is — "Emphysema." / "Not Emphysema.";
+* ``template``: the same positive prompt, and as negative prompt the anatomy's normal template
+  ("Lung shows no significant abnormalities.", the text every normal anatomy is trained on).
+
+Two views per set and finding:
+
+1. **text side, train part**: AUC of ``cos(text, positive) − cos(text, negative)`` over the
+   anatomy texts the model was trained on, against the finding's label. The ceiling of
+   zero-shot scoring with that pair: an image embedding equal to its own report text would
+   score exactly this.
+2. **image side**: the zero-shot AUC through the public :class:`~fvlm_pacs.model.Predictor`
+   (``crops`` mode), the model's own ``prompts.yaml`` and thresholds left out, on the
+   validation part — or, with ``--heldout``, on every case of an independent phantom set
+   (``write_dataset`` with seeds disjoint from the training data's: case i uses seed + i).
+   Never the test part: that one is for the model card. A demo build's validation and test
+   parts hold 36 cases each, where one finding with a single positive case swings a mean over
+   16 findings by up to 0.06, so a choice between prompt sets wants a larger held-out set.
+
+Prints both per finding and the means. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fvlm_pacs.codes import FindingDefinition, load_findings  # noqa: E402
+from fvlm_pacs.evaluation import roc_auc  # noqa: E402
+from fvlm_pacs.model import FvlmModel, Predictor  # noqa: E402
+from fvlm_pacs.model.dataset import ManifestDataset  # noqa: E402
+from fvlm_pacs.model.demo_build import AFTER_TRAINING  # noqa: E402
+from fvlm_pacs.model.predictor import anatomy_table_for  # noqa: E402
+from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases  # noqa: E402
+from fvlm_pacs.phantoms import FINDINGS  # noqa: E402
+from fvlm_pacs.reports import normal_text  # noqa: E402
+
+SETS = ("release", "template")
+
+
+def prompt_sets(model: FvlmModel) -> dict[str, tuple[FindingDefinition, ...]]:
+    defs = load_findings(anatomy_table_for(model.anatomies))
+    template = tuple(dataclasses.replace(d, negative=normal_text(d.anatomy)) for d in defs)
+    return {"release": defs, "template": template}
+
+
+@torch.inference_mode()
+def text_side(
+    model: FvlmModel,
+    ds: ManifestDataset,
+    rows: list[int],
+    sets: dict[str, tuple[FindingDefinition, ...]],
+) -> dict[str, dict[str, float | None]]:
+    texts = torch.stack([model.encode_text(list(ds.texts(i).texts)) for i in rows])  # [N, K, E]
+    labels = np.array([ds.records[i].findings for i in rows])
+    out: dict[str, dict[str, float | None]] = {}
+    for name, defs in sets.items():
+        out[name] = {}
+        for d in defs:
+            k = model.anatomies.index(d.anatomy)
+            pos, neg = model.encode_text([d.positive, d.negative])
+            margin = (texts[:, k] @ pos - texts[:, k] @ neg).numpy()
+            y = labels[:, FINDINGS.index(d.name)]
+            ok = y >= 0
+            out[name][d.name] = roc_auc(margin[ok], y[ok])
+    return out
+
+
+def image_side(
+    weights: Path,
+    root: Path,
+    cases: tuple[str, ...],
+    sets: dict[str, tuple[FindingDefinition, ...]],
+) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """{set: (scores, labels)} per finding over ``cases``."""
+    out = {}
+    for name, defs in sets.items():
+        p = Predictor(weights, device="cpu", findings=defs)
+        s = score_cases(p, root, cases)
+        out[name] = (
+            {d.name: s.scores[d.name] for d in defs},
+            {d.name: s.labels[d.name] for d in defs},
+        )
+    return out
+
+
+def aucs(
+    scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows: np.ndarray | None = None
+) -> dict[str, float | None]:
+    pick = (lambda a: a) if rows is None else (lambda a: a[rows])
+    return {k: roc_auc(pick(scores[k]), pick(labels[k])) for k in scores}
+
+
+def paired_diff_ci(
+    a: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+    b: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+    n_boot: int = 500,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95 % interval of mean AUC(b) − mean AUC(a), resampling cases (paired: same rows)."""
+    n = len(next(iter(a[1].values())))
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        rows = rng.integers(0, n, n)
+        da, db = aucs(*a, rows), aucs(*b, rows)
+        both = [k for k in da if da[k] is not None and db[k] is not None]
+        if both:
+            diffs.append(np.mean([db[k] for k in both]) - np.mean([da[k] for k in both]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def mean(values: dict[str, float | None]) -> float:
+    return float(np.mean([v for v in values.values() if v is not None]))
+
+
+def fmt(v: float | None) -> str:
+    return "   -  " if v is None else f"{v:6.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True, help="folder with manifest.csv")
+    ap.add_argument(
+        "--heldout", type=Path, help="folder with manifest.csv of independent phantoms (image side)"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    manifest = args.data / "manifest.csv"
+    split = dataset_split(manifest, args.seed)
+    ds = ManifestDataset(manifest, crop=(96, 176, 288), train=False, seed=args.seed)
+    index = {r.case_id: i for i, r in enumerate(ds.records)}
+    model = FvlmModel.from_checkpoint(args.model, device="cpu").eval()
+    sets = prompt_sets(model)
+    text = text_side(model, ds, [index[c] for c in split.train], sets)
+    with tempfile.TemporaryDirectory() as tmp:
+        # the weights alone: the model's own prompts.yaml and thresholds must not apply
+        weights = Path(tmp) / "model"
+        shutil.copytree(args.model, weights, ignore=shutil.ignore_patterns(*AFTER_TRAINING))
+        if args.heldout is not None:
+            held = args.heldout / "manifest.csv"
+            held_ds = ManifestDataset(held, crop=(96, 176, 288), train=False)
+            cases = tuple(r.case_id for r in held_ds.records)
+            scored = image_side(weights, held.parent, cases, sets)
+            where = f"held-out {len(cases)} ({held})"
+        else:
+            scored = image_side(weights, manifest.parent, split.val, sets)
+            where = f"val {len(split.val)}"
+    image = {name: aucs(*scored[name]) for name in sets}
+    lo, hi = paired_diff_ci(scored["release"], scored["template"])
+    print(
+        f"model {args.model} ({model.name} {model.version}); data {manifest}: train "
+        f"{len(split.train)} (text side), {where} (image side)"
+    )
+    print(f"\n{'finding':36s} {'text release':>12s} {'text template':>13s} "
+          f"{'img release':>11s} {'img template':>12s}")  # fmt: skip
+    for d in sets["release"]:
+        print(
+            f"{d.name:36s} {fmt(text['release'][d.name]):>12s} {fmt(text['template'][d.name]):>13s} "
+            f"{fmt(image['release'][d.name]):>11s} {fmt(image['template'][d.name]):>12s}"
+        )
+    print(
+        f"{'mean':36s} {mean(text['release']):12.3f} {mean(text['template']):13.3f} "
+        f"{mean(image['release']):11.3f} {mean(image['template']):12.3f}"
+    )
+    print(
+        "\ntemplate − release: text side "
+        f"{mean(text['template']) - mean(text['release']):+.3f}, image "
+        f"{mean(image['template']) - mean(image['release']):+.3f} [{lo:+.3f}, {hi:+.3f}] "
+        "(paired bootstrap over cases, 95 %; same weights, same run)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

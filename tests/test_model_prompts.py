@@ -1,0 +1,135 @@
+"""A model's own prompt wording (``prompts.yaml``): loaded over the table, scored, recorded.
+
+The demo's text tower never saw the release's "Not X."; its normal anatomies were trained on the
+normal template. These tests pin that a model folder's prompts replace the table's, that the
+predictor scores with them, that thresholds calibrated on one pair refuse another, and that a
+bad file is an error naming the finding instead of silently scoring the table's words.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fvlm_pacs.codes import load_anatomies, load_findings
+from fvlm_pacs.errors import ConfigError
+from fvlm_pacs.evaluation import write_thresholds
+from fvlm_pacs.model import FvlmModel
+from fvlm_pacs.model.demo_build import DemoRecipe, write_demo_prompts
+from fvlm_pacs.model.model_prompts import (
+    PROMPTS_FILE,
+    apply_model_prompts,
+    default_prompts_path,
+    write_model_prompts,
+)
+from fvlm_pacs.model.predictor import Predictor, load_thresholds
+from fvlm_pacs.reports import normal_text
+
+from .test_predictor import build_model_dir
+
+FINDINGS = load_findings(load_anatomies("ct-rate"))
+LUNG_NORMAL = normal_text("lung")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("prompts"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_no_file_keeps_the_table_and_a_file_replaces_only_what_it_names(tmp_path: Path) -> None:
+    assert apply_model_prompts(tmp_path / PROMPTS_FILE, FINDINGS) == FINDINGS
+    path = write_model_prompts(
+        tmp_path / PROMPTS_FILE,
+        {
+            "emphysema": {"negative": LUNG_NORMAL},
+            "cardiomegaly": {"positive": "The heart is enlarged.", "negative": "Normal heart."},
+        },
+    )
+    got = {f.name: f for f in apply_model_prompts(path, FINDINGS)}
+    table = {f.name: f for f in FINDINGS}
+    assert (got["emphysema"].positive, got["emphysema"].negative) == ("Emphysema.", LUNG_NORMAL)
+    assert (got["cardiomegaly"].positive, got["cardiomegaly"].negative) == (
+        "The heart is enlarged.",
+        "Normal heart.",
+    )
+    assert got["cardiomegaly"].code == table["cardiomegaly"].code  # SR coding stays the table's
+    assert got["lung_nodule"] == table["lung_nodule"]
+    assert [f.name for f in apply_model_prompts(path, FINDINGS)] == [f.name for f in FINDINGS]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("findings: {emphysemaa: {negative: No.}}", "emphysemaa: unknown finding"),
+        ("findings: {emphysema: {negativ: No.}}", "emphysema: must map"),
+        ("findings: {emphysema: {negative: '  '}}", "emphysema.negative: must be a non-empty"),
+        ("findings: {emphysema: {negative: emphysema.}}", "must differ"),
+        ("findings: [emphysema]", "'findings' mapping"),
+        ("version: 2\nfindings: {}", "version must be 1"),
+        ("findings: {emphysema: {negative: [unclosed", "cannot read"),
+    ],
+)
+def test_a_bad_prompts_file_is_an_error_naming_the_problem(
+    tmp_path: Path, text: str, match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        apply_model_prompts(write(tmp_path / PROMPTS_FILE, text), FINDINGS)
+
+
+def test_predictor_scores_with_the_models_prompts(model_dir: Path, tmp_path: Path) -> None:
+    own = tmp_path / "own"
+    shutil.copytree(model_dir, own)
+    write_model_prompts(own / PROMPTS_FILE, {"emphysema": {"negative": LUNG_NORMAL}})
+    assert default_prompts_path(own) == own / PROMPTS_FILE
+    plain, p = Predictor(model_dir, device="cpu"), Predictor(own, device="cpu")
+    assert {f.name: f.negative for f in p.findings}["emphysema"] == LUNG_NORMAL
+    assert p.prompt_pairs()["emphysema"] == ("Emphysema.", LUNG_NORMAL)
+    i = [f.name for f in FINDINGS].index("emphysema")
+    text = FvlmModel.from_checkpoint(own)
+    with torch.no_grad():
+        want = text.encode_text([LUNG_NORMAL])[0]
+    torch.testing.assert_close(p._negatives[i], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(p._positives, plain._positives, rtol=0, atol=0)
+    others = [j for j in range(len(FINDINGS)) if j != i]
+    torch.testing.assert_close(p._negatives[others], plain._negatives[others], rtol=0, atol=0)
+
+
+def test_thresholds_refuse_prompts_they_were_not_calibrated_with(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    own = tmp_path / "own"
+    shutil.copytree(model_dir, own)
+    p = Predictor(own, device="cpu")
+    sha = p.info.sha256
+    path = write_thresholds(own / "thresholds.json", {"emphysema": 0.4}, sha, p.prompt_pairs())
+    assert json.loads(path.read_text())["prompts"]["emphysema"] == ["Emphysema.", "Not Emphysema."]
+    assert load_thresholds(path, p.findings, sha) == {"emphysema": 0.4}
+    write_model_prompts(own / PROMPTS_FILE, {"emphysema": {"negative": LUNG_NORMAL}})
+    with pytest.raises(ConfigError, match="emphysema was calibrated with the prompts"):
+        Predictor(own, device="cpu")
+    # thresholds written before they recorded prompts still load
+    old = write_thresholds(tmp_path / "old.json", {"emphysema": 0.4}, sha)
+    assert load_thresholds(old, Predictor(own, device="cpu", thresholds_path=old).findings, sha)
+
+
+def test_the_demo_recipe_writes_normal_template_negatives(model_dir: Path, tmp_path: Path) -> None:
+    own = tmp_path / "own"
+    shutil.copytree(model_dir, own)
+    write_demo_prompts(DemoRecipe(), own)  # the default: the release's prompts
+    assert not (own / PROMPTS_FILE).exists()
+    write_demo_prompts(DemoRecipe(negative_prompts="normal-template"), own)
+    got = {f.name: f for f in Predictor(own, device="cpu").findings}
+    for f in FINDINGS:
+        assert got[f.name].positive == f.positive
+        assert got[f.name].negative == normal_text(f.anatomy)
+    with pytest.raises(ConfigError, match="negative_prompts"):
+        DemoRecipe(negative_prompts="none")
