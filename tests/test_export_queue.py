@@ -194,8 +194,14 @@ def test_transient_failures_back_off_exponentially_then_die(
     down = Scripted("flaky", *[ExportError("connection refused", retryable=True)] * 4)
     worker = worker_for(parts, down)
 
+    attempted: list[datetime] = []
+
     def attempt_at(offset: float) -> str | None:
-        parts.exports.clock = at(offset)
+        # a frozen clock per attempt: the delay is measured from the attempt's own "now", not
+        # from a second reading of the wall clock (a loaded CI machine made 10 s read as 9)
+        now = at(offset)()
+        attempted.append(now)
+        parts.exports.clock = lambda: now
         return worker.deliver_one("flaky")
 
     delays = []
@@ -203,9 +209,9 @@ def test_transient_failures_back_off_exponentially_then_die(
         assert attempt_at(offset) == "pending"
         row = one_export(parts, "flaky")
         assert row.next_attempt_at is not None
-        delays.append((row.next_attempt_at - at(offset)()).total_seconds())
+        delays.append((row.next_attempt_at - attempted[-1]).total_seconds())
         assert attempt_at(offset + 1) is None  # not due yet
-    assert [round(d) for d in delays] == [10, 20, 25]  # doubling, capped at 25
+    assert delays == [10.0, 20.0, 25.0]  # doubling, capped at 25
     assert attempt_at(60) == "dead"  # the fourth attempt was the last
     row = one_export(parts, "flaky")
     assert row.state == "dead" and row.attempts == 4 and row.next_attempt_at is None

@@ -19,6 +19,7 @@ from fvlm_pacs.cli import main
 from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.model import FvlmModel, Predictor
 from fvlm_pacs.model.dataset import ManifestDataset, collate, orient_fpl, read_nifti
+from fvlm_pacs.model.intensity import INPUT_HU_CEILING, scale_hu
 from fvlm_pacs.model.train import TrainConfig, lr_factor, train
 from fvlm_pacs.phantoms import FINDINGS, PhantomSpec, write_dataset
 from fvlm_pacs.reports import RuleBasedDecomposer, normal_text, split_report
@@ -40,6 +41,9 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # -- dataset -------------------------------------------------------------------------------
+CEILING = float(scale_hu(np.array(INPUT_HU_CEILING)))
+
+
 def test_items_shapes_range_and_texts(synth: Path) -> None:
     ds = ManifestDataset(synth, crop=(32, 64, 64), seed=1)
     dec = RuleBasedDecomposer()
@@ -49,7 +53,8 @@ def test_items_shapes_range_and_texts(synth: Path) -> None:
         item = ds[i]
         assert item["image"].shape == (1, 32, 64, 64) and item["image"].dtype == torch.float32
         assert item["labels"].shape == (32, 64, 64) and item["labels"].dtype == torch.uint8
-        assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+        # scaled HU: -1150 -> 0, 350 -> 1, nothing above 350 clipped (the model windows it)
+        assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= CEILING
         assert set(item["labels"].unique().tolist()) <= {0, 1, 2, 3, 4}
         report = (synth.parent / rows[i]["report"]).read_text(encoding="utf-8")
         parts = dec.decompose(*split_report(report))
@@ -59,6 +64,8 @@ def test_items_shapes_range_and_texts(synth: Path) -> None:
             if parts[a].normal:
                 assert item["texts"][k] == normal_text(a)
         assert item["findings"].tolist() == [int(rows[i][f]) for f in FINDINGS]
+    # bone above the release window's 350 HU reaches the model unclipped
+    assert max(float(ds[i]["image"].max()) for i in range(len(ds))) > 1.0
     # the cached grid is the model's 3 x 1 x 1 mm: 160 rows at 1.5 mm -> up to 240 at 1 mm
     assert ds.prepared(0).hu.shape[1] > 160
     # a 32 x 64 x 64 crop cannot hold a whole lung: inside must be false
@@ -210,8 +217,8 @@ def test_fake_ct_rate_layout_loads(tmp_path: Path) -> None:
     assert len(ds) == 2  # the row without a volume is skipped
     a, b = ds[0], ds[1]
     assert a["image"].shape == (1, 16, 64, 64) and 0.0 <= float(a["image"].min())
-    assert float(a["image"].max()) <= 1.0
     prep = ds.prepared(0)
+    assert float(a["image"].max()) <= float(scale_hu(np.array(prep.hu.max())))
     assert prep.voxels[1] > 0 and prep.voxels[2] > 0 and prep.voxels[3] == prep.voxels[4] == 0
     assert prep.hu.min() >= -1024 and prep.hu.max() < 500  # the metadata intercept applied
     assert a["inside"].tolist() == [True, True, False, False]
