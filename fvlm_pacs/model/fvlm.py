@@ -11,7 +11,8 @@ findings table uses. So the model can be built without it (``with_text=False``) 
 use (:meth:`FvlmModel.drop_text`): a serving process then never holds BERT's weights.
 
 Image axes: ``image`` is [B, 1, D, H, W] with D = slices (z), H = rows, W = columns, values in
-[0, 1] (HU clipped to [-1150, 350] and scaled); the patch (16, 16, 32) applies to (D, H, W).
+scaled HU (−1150 → 0, 350 → 1, not clipped above; the ViT clips to the config's HU windows,
+:mod:`fvlm_pacs.model.intensity`); the patch (16, 16, 32) applies to (D, H, W).
 """
 
 from __future__ import annotations
