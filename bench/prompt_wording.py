@@ -45,6 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from synthetic_zero_shot import aucs, bootstrap_diff, fmt, mean_of  # noqa: E402  (bench/)
+
 from fvlm_pacs.codes import FindingDefinition, load_findings  # noqa: E402
 from fvlm_pacs.evaluation import roc_auc  # noqa: E402
 from fvlm_pacs.model import FvlmModel, Predictor  # noqa: E402
@@ -54,8 +56,6 @@ from fvlm_pacs.model.predictor import anatomy_table_for  # noqa: E402
 from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases  # noqa: E402
 from fvlm_pacs.phantoms import FINDINGS  # noqa: E402
 from fvlm_pacs.reports import normal_text  # noqa: E402
-
-SETS = ("release", "template")
 
 
 def prompt_sets(model: FvlmModel) -> dict[str, tuple[FindingDefinition, ...]]:
@@ -91,52 +91,19 @@ def image_side(
     root: Path,
     cases: tuple[str, ...],
     sets: dict[str, tuple[FindingDefinition, ...]],
-) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """{set: (scores, labels)} per finding over ``cases``."""
-    out = {}
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """({set: scores per finding}, labels per finding) over ``cases``."""
+    scores, labels = {}, {}
     for name, defs in sets.items():
         p = Predictor(weights, device="cpu", findings=defs)
         s = score_cases(p, root, cases)
-        out[name] = (
-            {d.name: s.scores[d.name] for d in defs},
-            {d.name: s.labels[d.name] for d in defs},
-        )
-    return out
-
-
-def aucs(
-    scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], rows: np.ndarray | None = None
-) -> dict[str, float | None]:
-    pick = (lambda a: a) if rows is None else (lambda a: a[rows])
-    return {k: roc_auc(pick(scores[k]), pick(labels[k])) for k in scores}
-
-
-def paired_diff_ci(
-    a: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
-    b: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
-    n_boot: int = 500,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """95 % interval of mean AUC(b) − mean AUC(a), resampling cases (paired: same rows)."""
-    n = len(next(iter(a[1].values())))
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        rows = rng.integers(0, n, n)
-        da, db = aucs(*a, rows), aucs(*b, rows)
-        both = [k for k in da if da[k] is not None and db[k] is not None]
-        if both:
-            diffs.append(np.mean([db[k] for k in both]) - np.mean([da[k] for k in both]))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return float(lo), float(hi)
+        scores[name] = {d.name: s.scores[d.name] for d in defs}
+        labels = {d.name: s.labels[d.name] for d in defs}  # the same cases for every set
+    return scores, labels
 
 
 def mean(values: dict[str, float | None]) -> float:
-    return float(np.mean([v for v in values.values() if v is not None]))
-
-
-def fmt(v: float | None) -> str:
-    return "   -  " if v is None else f"{v:6.3f}"
+    return mean_of(values, list(values))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             scored = image_side(weights, manifest.parent, split.val, sets)
             where = f"val {len(split.val)}"
-    image = {name: aucs(*scored[name]) for name in sets}
-    lo, hi = paired_diff_ci(scored["release"], scored["template"])
+    scores, labels = scored
+    image = {name: aucs(scores[name], labels) for name in sets}
+    names = list(labels)
+    lo, hi = bootstrap_diff(scores["template"], scores["release"], labels, names, args.seed)
     print(
         f"model {args.model} ({model.name} {model.version}); data {manifest}: train "
         f"{len(split.train)} (text side), {where} (image side)"
