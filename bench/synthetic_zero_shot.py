@@ -375,10 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     vocab: dict[str, str] = {}
     ds_eval = eval_items(test_m, cache, args.seed)
     templates = [normal_text(d.anatomy) for d in defs]
-    windows = HU_WINDOWS[args.hu_windows]
-    model_cfg = tiny().to_dict()
+    model_cfg = tiny(hu_windows=HU_WINDOWS[args.hu_windows]).to_dict()
     del model_cfg["text"]["vocab_size"]  # the trainer's tokenizer sets it
-    model_cfg["vision"].update(hu_windows=[list(w) for w in windows], in_channels=len(windows))
     for variant in [v for v in variants if v in MODEL_VARIANTS]:
         run_dir = out / "runs" / variant
         cfg = TrainConfig(

@@ -107,8 +107,9 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     text = {**default["text"], "vocab_size": 317}
     assert ModelConfig.from_dict({**default, "text": text}) == tiny(vocab_size=317)
     four = demo_build.DemoRecipe(hu_windows=FOUR_WINDOWS).model_config()
-    got = ModelConfig.from_dict({**four, "text": text}).vision
-    assert got.hu_windows == FOUR_WINDOWS and got.in_channels == 4
+    got = ModelConfig.from_dict({**four, "text": text})
+    assert got.vision.hu_windows == FOUR_WINDOWS and got.vision.in_channels == 4
+    assert got == tiny(vocab_size=317, hu_windows=FOUR_WINDOWS)
     wide = demo_build.DemoRecipe(vit_width=192).model_config()
     assert wide["vision"]["hidden_size"] == 192 and wide["vision"]["mlp_dim"] == 384
     assert {k: v for k, v in wide.items() if k != "vision"} == {

@@ -72,10 +72,8 @@ def test_windows_are_checked_and_survive_json() -> None:
 
 
 def model_with(windows: tuple[tuple[float, float], ...]) -> FvlmModel:
-    data = tiny().to_dict()
-    data["vision"].update(hu_windows=[list(w) for w in windows], in_channels=len(windows))
     torch.manual_seed(0)
-    m = FvlmModel(ModelConfig.from_dict(data))
+    m = FvlmModel(tiny(hu_windows=windows))
     with torch.no_grad():
         m.query_tokens.normal_()
     return m.eval()

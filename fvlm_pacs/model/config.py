@@ -272,8 +272,13 @@ def vit_b(anatomies: tuple[str, ...] = RELEASED_ANATOMIES) -> ModelConfig:
     return ModelConfig(anatomies=anatomies)
 
 
-def tiny(anatomies: tuple[str, ...] = RELEASED_ANATOMIES, vocab_size: int = 64) -> ModelConfig:
+def tiny(
+    anatomies: tuple[str, ...] = RELEASED_ANATOMIES,
+    vocab_size: int = 64,
+    hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,),
+) -> ModelConfig:
     """A few-megabyte network with the same key names as ``vit_b()``, for tests and the demo.
+    ``hu_windows`` are its input channels (one each).
 
     Nominal image (32, 32, 64) with patch (16, 16, 32) gives a 2 x 2 x 2 grid; 4 ViT blocks so
     that levels after blocks 1, 2, 3 exist (level_blocks are rescaled to the shallower net).
@@ -281,6 +286,8 @@ def tiny(anatomies: tuple[str, ...] = RELEASED_ANATOMIES, vocab_size: int = 64) 
     """
     return ModelConfig(
         vision=VisionConfig(
+            in_channels=len(hu_windows),
+            hu_windows=hu_windows,
             img_size=(32, 32, 64),
             hidden_size=64,
             num_layers=4,

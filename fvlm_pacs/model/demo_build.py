@@ -83,13 +83,8 @@ class DemoRecipe:
     def model_config(self) -> dict[str, Any]:
         """The network to train, as a model config without vocabulary size (the trainer fills
         in its tokenizer's)."""
-        data = tiny().to_dict()
-        data["vision"].update(
-            hidden_size=self.vit_width,
-            mlp_dim=2 * self.vit_width,
-            hu_windows=[list(w) for w in self.hu_windows],
-            in_channels=len(self.hu_windows),
-        )
+        data = tiny(hu_windows=self.hu_windows).to_dict()
+        data["vision"].update(hidden_size=self.vit_width, mlp_dim=2 * self.vit_width)
         del data["text"]["vocab_size"]
         return data
 
