@@ -325,18 +325,14 @@ class Predictor:
         if model_path.is_dir():
             meta = read_meta(model_path)
             anatomies = ModelConfig.from_dict(meta["model"]).anatomies
-            defs = apply_model_prompts(
-                prompts_file, self._findings_for(anatomies, anatomy_table, findings)
-            )
+            defs = self._findings_for(anatomies, anatomy_table, findings, prompts_file)
             bank = PromptBank.for_model(model_path, str(meta["sha256"]), cache_dir)
             warm = not bank.missing(_prompts(defs))
         model = FvlmModel.from_checkpoint(
             model_path, text_model_dir=text_model_dir, device=self.device, with_text=not warm
         ).eval()
         if bank is None:  # the released file: its anatomies and sha256 are known only now
-            defs = apply_model_prompts(
-                prompts_file, self._findings_for(model.anatomies, anatomy_table, findings)
-            )
+            defs = self._findings_for(model.anatomies, anatomy_table, findings, prompts_file)
             bank = PromptBank.for_model(model_path, model.sha256, cache_dir)
         prompts = _prompts(defs)
         if warm:
@@ -360,8 +356,10 @@ class Predictor:
         anatomies: tuple[str, ...],
         anatomy_table: AnatomyTable | None,
         findings: Sequence[FindingDefinition] | None,
+        prompts_file: Path,
     ) -> tuple[FindingDefinition, ...]:
-        """The findings of ``anatomies`` (the checkpoint's, in its order) from the tables."""
+        """The findings of ``anatomies`` (the checkpoint's, in its order) from the tables, in the
+        model's own prompt wording where ``prompts_file`` gives one."""
         table = anatomy_table or anatomy_table_for(anatomies)
         if table.names != anatomies:
             raise ConfigError(
@@ -372,7 +370,7 @@ class Predictor:
         defs = tuple(f for f in defs if f.anatomy in anatomies)
         if not defs:
             raise ConfigError(f"findings: none for the model's anatomies {anatomies}")
-        return defs
+        return apply_model_prompts(prompts_file, defs)
 
     @staticmethod
     def _text_encoder(model: FvlmModel) -> Callable[[list[str]], torch.Tensor]:
