@@ -170,6 +170,12 @@ def parser() -> argparse.ArgumentParser:
         help="the model's negative prompts: the release's 'Not X.' of mappings/findings.yaml, "
         "or each anatomy's normal template (written to the model's prompts.yaml)",
     )
+    demo.add_argument(
+        "--stem",
+        choices=["patch", "hierarchical"],
+        help="the ViT's patchify: the release's linear convolution, or a hierarchical stem "
+        "(small patchify stages with LayerNorm + GELU, trained at the full learning rate)",
+    )
     demo.add_argument("--work", type=Path, default=Path("fvlm-demo-build"), help="scratch folder")
     demo.add_argument("--out", type=Path, help="default: the package's models/demo folder")
     return p
@@ -262,6 +268,8 @@ def _build_demo(args: argparse.Namespace) -> int:
 
     keys = ("cases", "steps", "seg_steps", "seed", "vit_width", "objective", "negative_prompts")
     given = {k: getattr(args, k) for k in keys}
+    if args.stem is not None:
+        given["hierarchical_stem"] = args.stem == "hierarchical"
     recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
     try:
         out = build_demo(recipe, args.work, args.out)

@@ -129,7 +129,12 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
     """A tiny recipe end to end: the network lands in <out>/segmentation, loads through the
     factory, and the card reports its held-out Dice."""
     recipe = DemoRecipe(
-        cases=6, steps=1, batch_size=2, seg_steps=2, negative_prompts="normal-template"
+        cases=6,
+        steps=1,
+        batch_size=2,
+        seg_steps=2,
+        negative_prompts="normal-template",
+        hierarchical_stem=True,
     )
     out = build_demo(recipe, tmp_path / "work", tmp_path / "demo")
     metrics = json.loads((out / "segmentation" / "metrics.json").read_text())
@@ -137,6 +142,7 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
     make_provider("builtin", table, model_dir=out / "segmentation").check()  # type: ignore[attr-defined]
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Segmentation network" in card and "--seg-steps 2" in card
+    assert "--stem hierarchical" in card and "hierarchical stem" in card
     # the model's own negative prompts ship with it and the thresholds name them
     assert (out / "prompts.yaml").is_file() and "--negative-prompts normal-template" in card
     recorded = json.loads((out / "thresholds.json").read_text())["prompts"]

@@ -87,8 +87,10 @@ def test_build_demo_command_uses_the_recipe_defaults(
     monkeypatch.setattr(demo_build, "build_demo", fake_build)
     assert main(["model", "build-demo", "--work", str(tmp_path / "w")]) == 0
     assert main(["model", "build-demo", "--steps", "7", "--work", str(tmp_path / "w")]) == 0
+    assert main(["model", "build-demo", "--stem", "hierarchical", "--work", str(tmp_path)]) == 0
     assert seen[0] == demo_build.DemoRecipe()
     assert seen[1] == demo_build.DemoRecipe(steps=7)
+    assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=True)
     # the shipped card's rebuild line names the recipe the shipped model was built with
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "fvlm-pacs model build-demo" in card
@@ -110,6 +112,10 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     got = ModelConfig.from_dict({**four, "text": text})
     assert got.vision.hu_windows == FOUR_WINDOWS and got.vision.in_channels == 4
     assert got == tiny(vocab_size=317, hu_windows=FOUR_WINDOWS)
+    stem = demo_build.DemoRecipe(hierarchical_stem=True).model_config()
+    assert ModelConfig.from_dict({**stem, "text": text}) == tiny(
+        vocab_size=317, hierarchical_stem=True
+    )
     wide = demo_build.DemoRecipe(vit_width=192).model_config()
     assert wide["vision"]["hidden_size"] == 192 and wide["vision"]["mlp_dim"] == 384
     assert {k: v for k, v in wide.items() if k != "vision"} == {

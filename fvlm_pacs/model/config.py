@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, get_type_hints
 
@@ -64,6 +65,13 @@ class VisionConfig:
     ``hu_windows`` are the (low, high) HU windows the image is clipped to, one input channel each
     (see :mod:`fvlm_pacs.model.intensity`); ``in_channels`` must equal their number. The
     release has one, [−1150, 350]; a window may not start below −1150 HU, the input's floor.
+
+    ``stem_strides`` / ``stem_channels`` choose how a patch becomes a token. Empty (the release):
+    one linear patchify convolution, kernel = stride = ``patch_size``. Otherwise a hierarchical
+    stem (:class:`~fvlm_pacs.model.vit.HierarchicalStem`): one non-overlapping patchify stage per
+    stride, each but the last followed by LayerNorm + GELU and of width ``stem_channels[i]``, the
+    last of width ``hidden_size``; the strides multiply to ``patch_size`` along each axis, so the
+    token grid, the position embedding and the anatomy selector stay the same.
     """
 
     in_channels: int = 1
@@ -77,9 +85,17 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     level_blocks: tuple[int, ...] = (3, 6, 9)
     hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,)
+    stem_strides: tuple[tuple[int, int, int], ...] = ()
+    stem_channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hu_windows", _windows(self.hu_windows))
+        object.__setattr__(
+            self,
+            "stem_strides",
+            tuple(_triple(s, f"vision.stem_strides[{i}]") for i, s in enumerate(self.stem_strides)),
+        )
+        object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
         if self.in_channels != len(self.hu_windows):
             raise ConfigError(
                 f"vision.in_channels ({self.in_channels}) must equal the number of "
@@ -99,9 +115,29 @@ class VisionConfig:
                     f"vision.img_size along {axis} ({img}) must be a multiple of "
                     f"vision.patch_size ({patch})"
                 )
+        self._check_stem()
         if any(not 0 <= b < self.num_layers for b in self.level_blocks):
             raise ConfigError(
                 f"vision.level_blocks {self.level_blocks} must index blocks 0..{self.num_layers - 1}"
+            )
+
+    def _check_stem(self) -> None:
+        if not self.stem_strides:
+            if self.stem_channels:
+                raise ConfigError("vision.stem_channels needs vision.stem_strides")
+            return
+        if len(self.stem_channels) != len(self.stem_strides) - 1:
+            raise ConfigError(
+                f"vision.stem_channels needs one width per stem stage but the last "
+                f"({len(self.stem_strides) - 1}), got {len(self.stem_channels)}"
+            )
+        if any(c <= 0 for c in self.stem_channels):
+            raise ConfigError(f"vision.stem_channels must be positive, got {self.stem_channels}")
+        total = tuple(math.prod(s[a] for s in self.stem_strides) for a in range(3))
+        if total != self.patch_size:
+            raise ConfigError(
+                f"vision.stem_strides multiply to {total}, not to vision.patch_size "
+                f"{self.patch_size}"
             )
 
     @property
@@ -272,13 +308,24 @@ def vit_b(anatomies: tuple[str, ...] = RELEASED_ANATOMIES) -> ModelConfig:
     return ModelConfig(anatomies=anatomies)
 
 
+HMLP_STEM_STRIDES: tuple[tuple[int, int, int], ...] = ((2, 4, 4), (2, 2, 2), (2, 2, 2), (2, 1, 2))
+"""A hierarchical stem for the (16, 16, 32) patch: 2·4·4 = 32 voxels per first-stage input,
+then 2×2×2 merges, the last stage merging pairs along D and W (``vision.stem_strides``)."""
+
+HMLP_STEM_CHANNELS: tuple[int, ...] = (16, 32, 64)
+"""Widths of the first three stages of :data:`HMLP_STEM_STRIDES` (``vision.stem_channels``)."""
+
+
 def tiny(
     anatomies: tuple[str, ...] = RELEASED_ANATOMIES,
     vocab_size: int = 64,
     hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,),
+    *,
+    hierarchical_stem: bool = False,
 ) -> ModelConfig:
     """A few-megabyte network with the same key names as ``vit_b()``, for tests and the demo.
-    ``hu_windows`` are its input channels (one each).
+    ``hu_windows`` are its input channels (one each); ``hierarchical_stem`` replaces the linear
+    patchify convolution by :data:`HMLP_STEM_STRIDES` / :data:`HMLP_STEM_CHANNELS`.
 
     Nominal image (32, 32, 64) with patch (16, 16, 32) gives a 2 x 2 x 2 grid; 4 ViT blocks so
     that levels after blocks 1, 2, 3 exist (level_blocks are rescaled to the shallower net).
@@ -294,6 +341,8 @@ def tiny(
             num_heads=4,
             mlp_dim=128,
             level_blocks=(1, 2, 3),
+            stem_strides=HMLP_STEM_STRIDES if hierarchical_stem else (),
+            stem_channels=HMLP_STEM_CHANNELS if hierarchical_stem else (),
         ),
         text=TextConfig(
             vocab_size=vocab_size,

@@ -64,7 +64,8 @@ class DemoRecipe:
     chest whose anatomy context fits the training crop on the model's 3 × 1 × 1 mm grid, so every
     step sees whole anatomies. ``seg_steps`` is the builtin segmentation network's own budget
     (0: no network is shipped). ``vit_width`` is the ViT's hidden size (MLP 2×, 4 heads) and
-    ``hu_windows`` its input channels; the rest of the network is
+    ``hu_windows`` its input channels, ``hierarchical_stem`` its patchify (see
+    :func:`~fvlm_pacs.model.config.tiny`); the rest of the network is
     :func:`~fvlm_pacs.model.config.tiny`.
     """
 
@@ -83,7 +84,7 @@ class DemoRecipe:
     def model_config(self) -> dict[str, Any]:
         """The network to train, as a model config without vocabulary size (the trainer fills
         in its tokenizer's)."""
-        data = tiny(hu_windows=self.hu_windows).to_dict()
+        data = tiny(hu_windows=self.hu_windows, hierarchical_stem=self.hierarchical_stem).to_dict()
         data["vision"].update(hidden_size=self.vit_width, mlp_dim=2 * self.vit_width)
         del data["text"]["vocab_size"]
         return data
@@ -100,6 +101,7 @@ class DemoRecipe:
     seg_steps: int = 600
     vit_width: int = 64
     hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,)
+    hierarchical_stem: bool = False
     objective: str = "fvlm"
     negative_prompts: str = "release"
     version: str = "1"
@@ -272,8 +274,13 @@ def model_card(
         "",
         "## Training",
         "",
-        f"{recipe.steps} steps × batch {recipe.batch_size}, AdamW peak lr {recipe.lr} (patch "
-        f"convolution × {recipe.patch_lr_scale}), warm-up "
+        f"{recipe.steps} steps × batch {recipe.batch_size}, AdamW peak lr {recipe.lr} "
+        + (
+            "(every layer, the hierarchical stem included)"
+            if recipe.hierarchical_stem
+            else f"(patch convolution × {recipe.patch_lr_scale})"
+        )
+        + ", warm-up "
         f"10 %, cosine decay, crop {list(recipe.crop)}, flips p = 0.2, CPU fp32, seed "
         f"{recipe.seed}. Wall time: data {timings['data_s']:.0f} s, training "
         f"{timings['train_s']:.0f} s, calibration + evaluation {timings['eval_s']:.0f} s.",
@@ -300,14 +307,15 @@ def model_card(
         *segmentation_section(segmentation, timings),
         "## Known limits",
         "",
-        limits(mean),
+        limits(mean, hierarchical_stem=recipe.hierarchical_stem),
         "",
         "## Rebuild",
         "",
         "```",
         f"fvlm-pacs model build-demo --cases {recipe.cases} --steps {recipe.steps} "
         f"--seg-steps {recipe.seg_steps} --seed {recipe.seed} --vit-width {recipe.vit_width} "
-        f"--objective {recipe.objective} --negative-prompts {recipe.negative_prompts}",
+        f"--objective {recipe.objective} --negative-prompts {recipe.negative_prompts} "
+        f"--stem {'hierarchical' if recipe.hierarchical_stem else 'patch'}",
         "```",
         "",
     ]
@@ -357,12 +365,14 @@ def segmentation_section(metrics: dict[str, Any] | None, timings: dict[str, floa
     ]
 
 
-def limits(mean_auc: float | None) -> str:
+def limits(mean_auc: float | None, *, hierarchical_stem: bool = False) -> str:
     """The model card's warning, worded from the measured mean AUC rather than hoped for."""
-    base = (
-        "Trained from scratch on a CPU (wall time above), on phantoms, with a small batch; the ViT's "
-        "patch convolution learns 100x slower than the rest (patch_lr_scale), without which "
-        "from-scratch training collapses every anatomy embedding to one vector. "
+    base = "Trained from scratch on a CPU (wall time above), on phantoms, with a small batch; " + (
+        "the ViT patchifies with a hierarchical stem of our own, so the released fVLM "
+        "checkpoint's patch convolution cannot be loaded into it. "
+        if hierarchical_stem
+        else "the ViT's patch convolution learns 100x slower than the rest (patch_lr_scale), "
+        "without which from-scratch training collapses every anatomy embedding to one vector. "
     )
     if mean_auc is None or mean_auc < 0.6:
         return base + (

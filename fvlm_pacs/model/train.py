@@ -311,7 +311,9 @@ def param_groups(module: nn.Module, lr: float, patch_lr_scale: float) -> list[di
     a few voxels it maps every case to the same tokens — measured: pairwise cosine of the pooled
     anatomy embeddings 0.993 → 0.9999 in 5 steps at lr 1e-4..1e-3, loss stuck at log(batch) per
     anatomy; with the convolution slowed 100x the loss falls below it on the same batch. 1.0
-    keeps FVLM.md's recipe (fine-tuning a pretrained encoder).
+    keeps FVLM.md's recipe (fine-tuning a pretrained encoder). A ViT with a hierarchical stem
+    (``vision.stem_strides``) has no such layer: its stages' fan-ins are 32-512 and all of it
+    trains at ``lr``.
     """
     patch = [p for n, p in module.named_parameters() if PATCH_CONV in n]
     rest = [p for n, p in module.named_parameters() if PATCH_CONV not in n]

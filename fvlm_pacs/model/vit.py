@@ -15,7 +15,8 @@ names of MONAI 1.3's ViT (no CLS token, ``proj_type="conv"``, learnable position
     blocks.N.mlp.linear1.{weight,bias}, blocks.N.mlp.linear2.{weight,bias}
     norm.{weight,bias}
 
-and computes the same function (pre-norm blocks, exact GELU, LayerNorm eps 1e-5), using
+(a config with ``stem_strides`` has ``patch_embedding.stem.stages.N.{linear,norm}.*`` instead of
+the convolution: one of our own models, never the release) and computes the same function (pre-norm blocks, exact GELU, LayerNorm eps 1e-5), using
 ``torch.nn.functional.scaled_dot_product_attention`` so GPUs get flash/memory-efficient kernels.
 
 Input: one channel of scaled HU; the patch embedding clips it to the config's HU windows (one
@@ -28,6 +29,7 @@ Axes: input ``[B, 1, D, H, W]`` with D = slices (z), H = rows, W = columns; the 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,17 +41,103 @@ from .intensity import window_channels
 log = logging.getLogger(__name__)
 
 
+def _merge(x: torch.Tensor, stride: tuple[int, int, int]) -> torch.Tensor:
+    """Channels-last [B, D, H, W, C] → [B, D/sd, H/sh, W/sw, sd·sh·sw·C]: each output position
+    holds its non-overlapping block of inputs, offsets major and channels minor."""
+    b, d, h, w, c = x.shape
+    sd, sh, sw = stride
+    return (
+        x.reshape(b, d // sd, sd, h // sh, sh, w // sw, sw, c)
+        .permute(0, 1, 3, 5, 2, 4, 6, 7)
+        .reshape(b, d // sd, h // sh, w // sw, sd * sh * sw * c)
+    )
+
+
+class StemStage(nn.Module):
+    """One patchify stage of :class:`HierarchicalStem`: a linear map of each non-overlapping
+    block, then (all stages but the last) LayerNorm over channels and GELU. The first stage
+    also clips its blocks to the HU windows (after merging: one channel re-ordered, not one
+    per window), channel-major within a block."""
+
+    def __init__(
+        self,
+        inputs: int,
+        width: int,
+        stride: tuple[int, int, int],
+        *,
+        last: bool,
+        windows: tuple[tuple[float, float], ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.stride = stride
+        self.windows = windows
+        self.linear = nn.Linear(inputs * math.prod(stride), width)
+        self.norm = None if last else nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last [B, D, H, W, C] → [B, D/sd, H/sh, W/sw, width]."""
+        blocks = _merge(x, self.stride)
+        if self.windows is not None:
+            blocks = window_channels(blocks.unsqueeze(-2), self.windows, dim=-2).flatten(-2)
+        y = self.linear(blocks)
+        return y if self.norm is None else F.gelu(self.norm(y))
+
+
+class HierarchicalStem(nn.Module):
+    """HU windows + a stack of small non-overlapping patchify stages with non-linearities in
+    between (an "hMLP" stem), giving one token per ``patch_size`` block like the convolution.
+
+    Why: the release's patchify convolution is linear over 16 × 16 × 32 voxels. A few calcified
+    voxels of a coronary artery, or lung shifted from −850 to −950 HU in part of a lobe, move its
+    output less than the block's anatomy does, and no linear map can threshold them; a stem that
+    normalises and thresholds 2 × 4 × 4 blocks before merging can. Each stage's fan-in is tens to
+    hundreds, so Adam trains it at the full learning rate, where the 8192-input convolution
+    collapses (``TrainConfig.patch_lr_scale``). Not in the released checkpoint: a stem model is
+    one of our own, its config says so.
+    """
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        widths = (*cfg.stem_channels, cfg.hidden_size)
+        inputs = (cfg.in_channels, *cfg.stem_channels)
+        last = len(cfg.stem_strides) - 1
+        self.stages = nn.ModuleList(
+            StemStage(i, w, s, last=k == last, windows=cfg.hu_windows if k == 0 else None)
+            for k, (i, w, s) in enumerate(zip(inputs, widths, cfg.stem_strides, strict=True))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled HU [B, 1, D, H, W] → tokens [B, D'·H'·W', hidden] in D-major order."""
+        y = x.permute(0, 2, 3, 4, 1)
+        for stage in self.stages:
+            y = stage(y)
+        return y.flatten(1, 3)
+
+
 class PatchEmbedding(nn.Module):
-    """HU windows + conv patchify + learned absolute position embedding (MONAI
-    ``PatchEmbeddingBlock`` after :func:`~fvlm_pacs.model.intensity.window_channels`)."""
+    """HU windows + patchify + learned absolute position embedding (MONAI
+    ``PatchEmbeddingBlock`` after :func:`~fvlm_pacs.model.intensity.window_channels`).
+
+    Patchify is the release's convolution (``patch_embeddings``), or a :class:`HierarchicalStem`
+    (``stem``) when the config names ``stem_strides``.
+    """
+
+    patch_embeddings: nn.Conv3d | None
+    stem: HierarchicalStem | None
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.grid = cfg.grid
+        self.patch_size = cfg.patch_size
         self.windows = cfg.hu_windows
-        self.patch_embeddings = nn.Conv3d(
-            cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size
-        )
+        if cfg.stem_strides:
+            self.patch_embeddings = None
+            self.stem = HierarchicalStem(cfg)
+        else:
+            self.stem = None
+            self.patch_embeddings = nn.Conv3d(
+                cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size
+            )
         n = self.grid[0] * self.grid[1] * self.grid[2]
         self.position_embeddings = nn.Parameter(torch.zeros(1, n, cfg.hidden_size))
         nn.init.trunc_normal_(self.position_embeddings, std=0.02, a=-2.0, b=2.0)
@@ -77,8 +165,11 @@ class PatchEmbedding(nn.Module):
         re-ordered, not one copy per window.
         """
         b, _, size_d, size_h, size_w = x.shape
-        pd, ph, pw = self.patch_embeddings.kernel_size
+        pd, ph, pw = self.patch_size
         d, h, w = size_d // pd, size_h // ph, size_w // pw
+        if self.stem is not None:
+            return self.stem(x) + self.position_embedding_for((d, h, w)), (d, h, w)
+        assert self.patch_embeddings is not None
         patches = (
             x.reshape(b, 1, d, pd, h, ph, w, pw)
             .permute(0, 2, 4, 6, 1, 3, 5, 7)
