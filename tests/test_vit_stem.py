@@ -9,6 +9,8 @@ convolution's D-major order, each depending on its own patch only.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.model import FvlmModel, ModelConfig, tiny
 from fvlm_pacs.model.checkpoint import save_model
 from fvlm_pacs.model.config import HMLP_STEM_STRIDES, RELEASED_HU_WINDOW, VisionConfig
+from fvlm_pacs.model.predictor import cast_linear_weights
 from fvlm_pacs.model.train import PATCH_CONV, param_groups
 from fvlm_pacs.model.vit import PatchEmbedding
 
@@ -113,3 +116,22 @@ def test_a_stem_model_round_trips_through_its_model_folder(tmp_path) -> None:
             model.encode_anatomies(image, labels),
             equal_nan=True,
         )
+
+
+def test_a_stem_model_under_bf16_tracks_fp32() -> None:
+    """The Predictor's bf16 path (matmul weights stored in bf16, autocast) reaches the stem's
+    linear stages too; the anatomy embeddings stay close to fp32's."""
+    torch.manual_seed(0)
+    model = FvlmModel(tiny(hierarchical_stem=True)).eval()
+    with torch.no_grad():
+        model.query_tokens.normal_()
+    low = copy.deepcopy(model)
+    cast_linear_weights(low, torch.bfloat16)
+    assert low.visual_encoder.patch_embedding.stem.stages[0].linear.weight.dtype == torch.bfloat16
+    image = torch.rand(1, 1, 32, 32, 64)
+    labels = torch.ones(1, 32, 32, 64, dtype=torch.long)
+    with torch.no_grad():
+        ref = model.encode_anatomies(image, labels)[0, 0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = low.encode_anatomies(image, labels)[0, 0].float()
+    assert torch.nn.functional.cosine_similarity(ref, got, dim=0) > 0.99
