@@ -13,7 +13,8 @@ and each model − the first with a paired bootstrap 95 % interval over cases (t
 resampled cases for both). ``--scores`` keeps each model's scores there (named by its weights'
 SHA-256 and the manifest's), so a later comparison re-scores only new models. Why a separate
 set: a demo build's own test part holds 36 phantoms, where one finding with a single positive
-case moves a 16-finding mean by up to 0.06. The interval covers the choice of cases, not the
+case moves a 16-finding mean by up to 0.06. A model folder that records its training cases
+(``training_cases.json``) and overlaps ``--heldout`` is refused. The interval covers the choice of cases, not the
 spread between training runs of one recipe. Nothing is asserted.
 """
 
@@ -36,6 +37,7 @@ from synthetic_zero_shot import aucs, bootstrap_diff, fmt, mean_of  # noqa: E402
 from fvlm_pacs.model import Predictor  # noqa: E402
 from fvlm_pacs.model.checkpoint import sha256_file  # noqa: E402
 from fvlm_pacs.model.dataset import read_synthetic  # noqa: E402
+from fvlm_pacs.model.provenance import training_overlap  # noqa: E402
 from fvlm_pacs.model.zeroshot_eval import score_cases  # noqa: E402
 
 
@@ -78,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     manifest = args.heldout / "manifest.csv"
     cases = tuple(r.case_id for r in read_synthetic(manifest))
+    for folder in args.models:
+        seen = training_overlap(folder, manifest, cases)
+        if seen:
+            print(f"{folder} was trained on {len(seen)} of these cases (e.g. {seen[0]})")
+            return 2
     runs = [scored(folder, manifest, cases, args.scores) for folder in args.models]
     labels = runs[0][2]
     names = [n for n in labels if all(n in r[1] for r in runs)]

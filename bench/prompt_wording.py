@@ -53,6 +53,7 @@ from fvlm_pacs.model import FvlmModel, Predictor  # noqa: E402
 from fvlm_pacs.model.dataset import ManifestDataset  # noqa: E402
 from fvlm_pacs.model.demo_build import AFTER_TRAINING  # noqa: E402
 from fvlm_pacs.model.predictor import anatomy_table_for  # noqa: E402
+from fvlm_pacs.model.provenance import training_overlap  # noqa: E402
 from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases  # noqa: E402
 from fvlm_pacs.phantoms import FINDINGS  # noqa: E402
 from fvlm_pacs.reports import normal_text  # noqa: E402
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             held = args.heldout / "manifest.csv"
             held_ds = ManifestDataset(held, crop=(96, 176, 288), train=False)
             cases = tuple(r.case_id for r in held_ds.records)
+            seen = training_overlap(args.model, held, cases)
+            if seen:
+                print(f"{args.model} was trained on {len(seen)} --heldout cases (e.g. {seen[0]})")
+                return 2
             scored = image_side(weights, held.parent, cases, sets)
             where = f"held-out {len(cases)} ({held})"
         else:

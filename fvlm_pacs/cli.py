@@ -121,6 +121,11 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--seed", type=int, default=0, help="seed of the case split")
         cmd.add_argument("--mode", choices=["crops", "single"], default="crops")
         cmd.add_argument(
+            "--allow-training-cases",
+            action="store_true",
+            help="use cases the model was trained on (its training_cases.json); refused otherwise",
+        )
+        cmd.add_argument(
             "--precision",
             choices=["auto", "fp32", "bf16"],
             default="auto",
@@ -369,6 +374,7 @@ def _zero_shot(args: argparse.Namespace) -> int:
     from fvlm_pacs.evaluation import calibrate, evaluate, write_thresholds
     from fvlm_pacs.model import Predictor
     from fvlm_pacs.model.checkpoint import resolve_model_path
+    from fvlm_pacs.model.provenance import training_overlap
     from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases
 
     manifest = args.data / "manifest.csv"
@@ -382,6 +388,13 @@ def _zero_shot(args: argparse.Namespace) -> int:
     thresholds = getattr(args, "thresholds", None)
     try:
         args.model = resolve_model_path(args.model)
+        seen = training_overlap(args.model, manifest, ids)
+        if seen and not args.allow_training_cases:
+            raise ConfigError(
+                f"{len(seen)} of {len(ids)} cases (split {args.split}) were used to train "
+                f"{args.model} (e.g. {seen[0]}; phantoms count by seed: `synth --seed S` gives "
+                "case i the seed S + i). Use cases it never saw, or pass --allow-training-cases."
+            )
         predictor = Predictor(
             args.model, mode=args.mode, precision=args.precision, thresholds_path=thresholds
         )

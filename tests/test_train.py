@@ -20,6 +20,7 @@ from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.model import FvlmModel, Predictor
 from fvlm_pacs.model.dataset import ManifestDataset, collate, orient_fpl, read_nifti
 from fvlm_pacs.model.intensity import INPUT_HU_CEILING, scale_hu
+from fvlm_pacs.model.provenance import TRAINING_CASES_FILE
 from fvlm_pacs.model.train import TrainConfig, lr_factor, train
 from fvlm_pacs.phantoms import FINDINGS, PhantomSpec, write_dataset
 from fvlm_pacs.reports import RuleBasedDecomposer, normal_text, split_report
@@ -348,6 +349,16 @@ def test_cli_train(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["train", "--config", str(cfg)]) == 0
     assert "model saved to" in capsys.readouterr().out
     assert (tmp_path / "out" / "model" / "config.json").is_file()
+    # the model folder names its training phantoms by seed (write_dataset(6, 0): seeds 0-5) ...
+    recorded = json.loads((tmp_path / "out" / "model" / TRAINING_CASES_FILE).read_text())
+    assert sorted(recorded["cases"].values()) == [f"seed:{i}" for i in range(6)]
+    # ... so evaluating it on them is refused before any scoring, unless asked for
+    report = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(tmp_path / "out" / "model"), "--data", str(small.parent)]
+    assert main([*argv, "--split", "all", "--json", str(report)]) == 2
+    assert "--allow-training-cases" in capsys.readouterr().err and not report.exists()
+    assert main([*argv, "--split", "all", "--json", str(report), "--allow-training-cases"]) == 0
+    assert json.loads(report.read_text())["findings"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"manifest: {small}\nout_dir: out\nstepz: 2\n", encoding="utf-8")
     assert main(["train", "--config", str(bad)]) == 2

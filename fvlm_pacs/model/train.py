@@ -27,7 +27,9 @@ What one run does:
    ``out/checkpoint.pt``: model, ``clip_proj``, optimizer, scheduler, step and the RNG states
    (Python, NumPy, torch, CUDA), atomically. ``train`` resumes from it when it exists.
 8. At the end saves the model with :func:`save_model` into ``out/model/`` (our format: the
-   :class:`~fvlm_pacs.model.Predictor` loads it) and, for ``clip``, ``out/clip_proj.safetensors``.
+   :class:`~fvlm_pacs.model.Predictor` loads it) with the cases it was trained on
+   (:mod:`~fvlm_pacs.model.provenance`, which ``eval`` and ``calibrate`` refuse) and, for
+   ``clip``, ``out/clip_proj.safetensors``.
 
 Resume guarantee: the samples of step s are a pure function of (seed, s) — batches come from
 seeded per-epoch permutations and each item's crop/flips from ``(seed, draw, index)`` — and the
@@ -73,6 +75,7 @@ from .config import ModelConfig, TextConfig, coerce_numbers, tiny, vit_b
 from .dataset import LAYOUTS, NORMAL_WORDINGS, ManifestDataset, collate
 from .fvlm import FvlmModel
 from .losses import clip_image_embedding, clip_loss, fvlm_loss, gather_objects, gather_with_grad
+from .provenance import write_training_cases
 from .text import load_tokenizer, text_config_from_dir
 
 log = logging.getLogger(__name__)
@@ -611,6 +614,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
     if step >= cfg.steps and rank0:
         model.eval()
         result = save_model(model, out / "model", cfg.name, cfg.version)
+        write_training_cases(result, cfg.manifest, [r.case_id for r in dataset.records])
         if clip:
             from safetensors.torch import save_file
 
