@@ -16,7 +16,8 @@ names of MONAI 1.3's ViT (no CLS token, ``proj_type="conv"``, learnable position
     norm.{weight,bias}
 
 (a config with ``stem_strides`` has ``patch_embedding.stem.stages.N.{linear,norm}.*`` instead of
-the convolution: one of our own models, never the release) and computes the same function (pre-norm blocks, exact GELU, LayerNorm eps 1e-5), using
+the convolution: one of our own models, never the release) and computes the same function
+(pre-norm blocks, exact GELU, LayerNorm eps 1e-5), using
 ``torch.nn.functional.scaled_dot_product_attention`` so GPUs get flash/memory-efficient kernels.
 
 Input: one channel of scaled HU; the patch embedding clips it to the config's HU windows (one
