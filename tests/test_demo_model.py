@@ -14,6 +14,7 @@ import pytest
 
 from fvlm_pacs.codes import load_anatomies
 from fvlm_pacs.model.checkpoint import demo_model_dir, read_meta, resolve_model_path, sha256_file
+from fvlm_pacs.model.config import ModelConfig
 from fvlm_pacs.model.predictor import Predictor
 from fvlm_pacs.segmentation import make_provider
 
@@ -91,15 +92,25 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert seen[0] == demo_build.DemoRecipe()
     assert seen[1] == demo_build.DemoRecipe(steps=7)
     assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=True)
-    # the shipped card's rebuild line names the recipe the shipped model was built with
+    # the shipped model is what the default recipe builds: its card's rebuild line, version
+    # and network are the defaults'
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
-    assert "fvlm-pacs model build-demo" in card
+    recipe = demo_build.DemoRecipe()
+    rebuild = next(
+        line for line in card.splitlines() if line.startswith("fvlm-pacs model build-demo")
+    )
+    assert f"--steps {recipe.steps} " in rebuild and f"--cases {recipe.cases} " in rebuild
+    assert ("--stem hierarchical" in rebuild) == recipe.hierarchical_stem
+    meta = read_meta(DEMO)
+    assert meta["version"] == recipe.version
+    shipped = ModelConfig.from_dict(meta["model"])
+    assert bool(shipped.vision.stem_strides) == recipe.hierarchical_stem
 
 
 def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     """The default recipe trains exactly ``tiny()``; ``vit_width`` changes only the ViT width,
-    ``hu_windows`` only the input channels, and the vocabulary size is left to the trainer's
-    tokenizer."""
+    ``hu_windows`` only the input channels, ``hierarchical_stem`` only the patchify, and the
+    vocabulary size is left to the trainer's tokenizer."""
     from fvlm_pacs.model import demo_build
     from fvlm_pacs.model.config import ModelConfig, tiny
     from fvlm_pacs.model.intensity import FOUR_WINDOWS

@@ -64,8 +64,9 @@ class DemoRecipe:
     chest whose anatomy context fits the training crop on the model's 3 × 1 × 1 mm grid, so every
     step sees whole anatomies. ``seg_steps`` is the builtin segmentation network's own budget
     (0: no network is shipped). ``vit_width`` is the ViT's hidden size (MLP 2×, 4 heads) and
-    ``hu_windows`` its input channels, ``hierarchical_stem`` its patchify (see
-    :func:`~fvlm_pacs.model.config.tiny`); the rest of the network is
+    ``hu_windows`` its input channels, ``hierarchical_stem`` its patchify (the stem of
+    :data:`~fvlm_pacs.model.config.HMLP_STEM_STRIDES`, else the release's convolution, which
+    trains at ``patch_lr_scale``); the rest of the network is
     :func:`~fvlm_pacs.model.config.tiny`.
     """
 
