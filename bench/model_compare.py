@@ -10,8 +10,8 @@ uses seed S + i). Each model is scored as it would serve — the public
 :class:`~fvlm_pacs.model.Predictor` in ``crops`` mode with its own prompts (``prompts.yaml``,
 else ``mappings/findings.yaml``) — on every case. Prints per-finding AUC, the mean AUC of each
 and each model − the first with a paired bootstrap 95 % interval over cases (the same
-resampled cases for both). ``--scores`` keeps each model's scores there (named by its weights'
-SHA-256 and the manifest's), so a later comparison re-scores only new models. Why a separate
+resampled cases for both). ``--scores`` keeps each model's scores there (named by the SHA-256
+of its weights, of its prompt pairs and of the manifest), so a later comparison re-scores only new models. Why a separate
 set: a demo build's own test part holds 36 phantoms, where one finding with a single positive
 case moves a 16-finding mean by up to 0.06. A model folder that records its training cases
 (``training_cases.json``) and overlaps ``--heldout`` is refused. The interval covers the choice of cases, not the
@@ -21,6 +21,8 @@ spread between training runs of one recipe. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,7 +49,9 @@ def scored(
     """(name, scores, labels) of one model on ``cases``, from ``store`` when scored before."""
     predictor = Predictor(folder, device="cpu")
     name = f"{predictor.info.name} {predictor.info.version} ({folder})"
-    key = f"{predictor.info.sha256[:16]}-{sha256_file(manifest)[:16]}.npz"
+    # the prompts change the scores without changing the weights (a model's prompts.yaml)
+    prompts = hashlib.sha256(json.dumps(predictor.prompt_pairs(), sort_keys=True).encode())
+    key = f"{predictor.info.sha256[:16]}-{prompts.hexdigest()[:8]}-{sha256_file(manifest)[:16]}.npz"
     if store is not None and (store / key).is_file():
         with np.load(store / key) as z:
             return (
