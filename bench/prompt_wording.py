@@ -48,14 +48,17 @@ if str(REPO) not in sys.path:
 from synthetic_zero_shot import aucs, bootstrap_diff, fmt, mean_of  # noqa: E402  (bench/)
 
 from fvlm_pacs.codes import FindingDefinition, load_findings  # noqa: E402
-from fvlm_pacs.evaluation import roc_auc  # noqa: E402
 from fvlm_pacs.model import FvlmModel, Predictor  # noqa: E402
 from fvlm_pacs.model.dataset import ManifestDataset  # noqa: E402
 from fvlm_pacs.model.demo_build import AFTER_TRAINING  # noqa: E402
 from fvlm_pacs.model.predictor import anatomy_table_for  # noqa: E402
+from fvlm_pacs.model.prompt_selection import (  # noqa: E402
+    encode_case_texts,
+    text_side_auc,
+    training_texts,
+)
 from fvlm_pacs.model.provenance import training_overlap  # noqa: E402
 from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases  # noqa: E402
-from fvlm_pacs.phantoms import FINDINGS  # noqa: E402
 from fvlm_pacs.reports import normal_text  # noqa: E402
 
 
@@ -65,26 +68,23 @@ def prompt_sets(model: FvlmModel) -> dict[str, tuple[FindingDefinition, ...]]:
     return {"release": defs, "template": template}
 
 
-@torch.inference_mode()
 def text_side(
     model: FvlmModel,
     ds: ManifestDataset,
     rows: list[int],
     sets: dict[str, tuple[FindingDefinition, ...]],
 ) -> dict[str, dict[str, float | None]]:
-    texts = torch.stack([model.encode_text(list(ds.texts(i).texts)) for i in rows])  # [N, K, E]
-    labels = np.array([ds.records[i].findings for i in rows])
-    out: dict[str, dict[str, float | None]] = {}
-    for name, defs in sets.items():
-        out[name] = {}
-        for d in defs:
-            k = model.anatomies.index(d.anatomy)
-            pos, neg = model.encode_text([d.positive, d.negative])
-            margin = (texts[:, k] @ pos - texts[:, k] @ neg).numpy()
-            y = labels[:, FINDINGS.index(d.name)]
-            ok = y >= 0
-            out[name][d.name] = roc_auc(margin[ok], y[ok])
-    return out
+    """Per set and finding, the text-side AUC of its pair over ``rows`` (the computation
+    ``text-selected`` negative prompts are chosen by, :mod:`fvlm_pacs.model.prompt_selection`)."""
+    data = training_texts(ds, rows)
+    embedded = encode_case_texts(model.encode_text, data)
+    return {
+        name: {
+            d.name: text_side_auc(model.encode_text, embedded, data, d, [d.negative])[0]
+            for d in defs
+        }
+        for name, defs in sets.items()
+    }
 
 
 def image_side(

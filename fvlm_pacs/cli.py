@@ -151,6 +151,19 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--anatomies", help="comma-separated, index order (default lung,heart,esophagus,aorta)"
     )
+    select = model_sub.add_parser(
+        "select-prompts",
+        help="per finding, the negative prompt that ranks the model's training reports best "
+        "(writes its prompts.yaml)",
+    )
+    select.add_argument("--model", type=Path, required=True, help="trained fVLM model folder")
+    select.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="the training YAML it was trained with: its manifest's reports and labels are read",
+    )
+    select.add_argument("--dry-run", action="store_true", help="print the choices only")
     demo = model_sub.add_parser(
         "build-demo", help="make the shipped demo model: phantoms, training, calibration, card"
     )
@@ -171,15 +184,21 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--negative-prompts",
-        choices=["release", "normal-template"],
+        choices=["release", "normal-template", "text-selected"],
         help="the model's negative prompts: the release's 'Not X.' of mappings/findings.yaml, "
-        "or each anatomy's normal template (written to the model's prompts.yaml)",
+        "each anatomy's normal template, or per finding whichever of the two ranks the train "
+        "part's reports better (the last two written to the model's prompts.yaml)",
     )
     demo.add_argument(
         "--stem",
         choices=["patch", "hierarchical"],
         help="the ViT's patchify: the release's linear convolution, or a hierarchical stem "
         "(small patchify stages with LayerNorm + GELU, trained at the full learning rate)",
+    )
+    demo.add_argument(
+        "--heldout-cases",
+        type=int,
+        help="independent phantoms (seeds from 100000) the card also reports (0: none)",
     )
     demo.add_argument("--work", type=Path, default=Path("fvlm-demo-build"), help="scratch folder")
     demo.add_argument("--out", type=Path, help="default: the package's models/demo folder")
@@ -269,20 +288,91 @@ def _model_import(args: argparse.Namespace) -> int:
 
 def _build_demo(args: argparse.Namespace) -> int:
     """Rebuild the shipped demo model (minutes on a CPU) and print its measured mean AUC."""
-    from fvlm_pacs.model.demo_build import EVAL_FILE, DemoRecipe, build_demo
+    from fvlm_pacs.model.demo_build import EVAL_FILE, HELDOUT_EVAL_FILE, DemoRecipe, build_demo
 
-    keys = ("cases", "steps", "seg_steps", "seed", "vit_width", "objective", "negative_prompts")
+    keys = (
+        "cases",
+        "steps",
+        "seg_steps",
+        "seed",
+        "vit_width",
+        "objective",
+        "negative_prompts",
+        "heldout_cases",
+    )
     given = {k: getattr(args, k) for k in keys}
     if args.stem is not None:
         given["hierarchical_stem"] = args.stem == "hierarchical"
-    recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
     try:
+        recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
         out = build_demo(recipe, args.work, args.out)
     except (FvlmPacsError, OSError) as exc:
         print(f"fvlm-pacs: {exc}", file=sys.stderr)
         return 2
-    mean = json.loads((out / EVAL_FILE).read_text(encoding="utf-8")).get("mean_auc")
-    print(f"demo model written to {out} (mean zero-shot AUC on held-out phantoms: {mean})")
+    means = [
+        f"{what} {json.loads((out / name).read_text(encoding='utf-8')).get('mean_auc')}"
+        for what, name in (("test part", EVAL_FILE), ("independent", HELDOUT_EVAL_FILE))
+        if (out / name).is_file()
+    ]
+    print(f"demo model written to {out} (mean zero-shot AUC, {'; '.join(means)})")
+    return 0
+
+
+def _select_prompts(args: argparse.Namespace) -> int:
+    """Choose each finding's negative prompt on the training texts; write ``prompts.yaml``."""
+    from fvlm_pacs.codes import load_findings
+    from fvlm_pacs.model import FvlmModel
+    from fvlm_pacs.model.checkpoint import resolve_model_path
+    from fvlm_pacs.model.model_prompts import default_prompts_path
+    from fvlm_pacs.model.predictor import THRESHOLDS_FILE, anatomy_table_for
+    from fvlm_pacs.model.prompt_selection import (
+        choices_table,
+        select_negatives,
+        training_texts,
+        write_choices,
+    )
+    from fvlm_pacs.model.provenance import training_overlap
+    from fvlm_pacs.model.train import TrainConfig
+
+    try:
+        cfg = TrainConfig.from_yaml(args.config)
+        model_path = resolve_model_path(args.model)
+        dataset = cfg.dataset(train=False)
+        ids = [r.case_id for r in dataset.records]
+        seen = training_overlap(model_path, cfg.manifest, ids)
+        if (model_path / "training_cases.json").is_file() and len(seen) < len(ids):
+            raise ConfigError(
+                f"{len(ids) - len(seen)} of {len(ids)} cases of {cfg.manifest} were not used to "
+                f"train {model_path}: prompts are chosen on its training reports only, so that "
+                "validation and test cases stay unseen"
+            )
+        model = FvlmModel.from_checkpoint(model_path, device="cpu").eval()
+        dataset.anatomies = model.anatomies
+        findings = load_findings(anatomy_table_for(model.anatomies))
+    except (FvlmPacsError, OSError, ValueError) as exc:
+        print(f"fvlm-pacs: {exc}", file=sys.stderr)
+        return 2
+    choices = select_negatives(model.encode_text, training_texts(dataset), findings)
+    print(f"{len(ids)} training cases of {cfg.manifest}; text-side AUC per negative prompt:\n")
+    print(choices_table(choices))
+    if args.dry_run:
+        return 0
+    path = default_prompts_path(model_path)
+    written = write_choices(path, choices)
+    print(f"\n{written or 'no prompts file (every finding keeps the table prompts)'}")
+    thresholds = model_path / THRESHOLDS_FILE if model_path.is_dir() else None
+    if thresholds is not None and thresholds.is_file():
+        made_with = json.loads(thresholds.read_text(encoding="utf-8")).get("prompts") or {}
+        stale = [
+            c.finding
+            for c in choices
+            if c.finding in made_with and list(made_with[c.finding]) != [c.positive, c.chosen]
+        ]
+        if stale:
+            print(
+                f"{thresholds} was calibrated with other prompts for {', '.join(stale)}: the "
+                "model will not load until you re-run `fvlm-pacs calibrate`"
+            )
     return 0
 
 
@@ -458,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args.config)
     if args.command == "model":
         _configure_logging("INFO")
-        return _build_demo(args) if args.model_command == "build-demo" else _model_import(args)
+        commands = {"build-demo": _build_demo, "select-prompts": _select_prompts}
+        return commands.get(args.model_command, _model_import)(args)
     try:
         settings = _load(args)
     except ConfigError as exc:

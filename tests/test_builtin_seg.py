@@ -135,6 +135,7 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
         seg_steps=2,
         negative_prompts="normal-template",
         hierarchical_stem=True,
+        heldout_cases=2,
     )
     out = build_demo(recipe, tmp_path / "work", tmp_path / "demo")
     metrics = json.loads((out / "segmentation" / "metrics.json").read_text())
@@ -147,6 +148,13 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
     assert (out / "prompts.yaml").is_file() and "--negative-prompts normal-template" in card
     recorded = json.loads((out / "thresholds.json").read_text())["prompts"]
     assert recorded["emphysema"] == ["Emphysema.", "Lung shows no significant abnormalities."]
+    # the card also reports phantoms the build never touched (seeds 100000..), in its caveat too
+    heldout = json.loads((out / "eval_heldout.json").read_text())
+    assert len(heldout["findings"]) == 16 and "--heldout-cases 2" in card
+    assert "## Zero-shot results on independent held-out phantoms" in card
+    assert "seeds 100000–100001 (the build's own: 0–5)" in card
+    caveat = next(line for line in card.splitlines() if line.startswith("caveat:"))
+    assert "2 independent synthetic phantoms" in caveat
 
 
 def test_model_card_section_lists_dice(runs: Trained) -> None:

@@ -143,3 +143,7 @@ def test_recipe_objective_is_checked_before_any_work() -> None:
         demo_build.DemoRecipe(objective="clip")
     with pytest.raises(ConfigError):
         demo_build.DemoRecipe(vit_width=30)  # not a multiple of the 4 heads
+    # the card's independent phantoms must not be training phantoms
+    with pytest.raises(ConfigError, match="overlap the held-out block"):
+        demo_build.DemoRecipe(seed=99_990, cases=20)
+    assert demo_build.DemoRecipe(seed=99_990, cases=20, heldout_cases=0).heldout_cases == 0

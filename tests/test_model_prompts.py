@@ -27,6 +27,8 @@ from fvlm_pacs.model.model_prompts import (
     write_model_prompts,
 )
 from fvlm_pacs.model.predictor import Predictor, load_thresholds
+from fvlm_pacs.model.train import TrainConfig
+from fvlm_pacs.phantoms import PhantomSpec, write_dataset
 from fvlm_pacs.reports import normal_text
 
 from .test_predictor import build_model_dir
@@ -121,15 +123,23 @@ def test_thresholds_refuse_prompts_they_were_not_calibrated_with(
     assert load_thresholds(old, Predictor(own, device="cpu", thresholds_path=old).findings, sha)
 
 
-def test_the_demo_recipe_writes_normal_template_negatives(model_dir: Path, tmp_path: Path) -> None:
+def test_the_demo_recipe_writes_its_negative_prompts(model_dir: Path, tmp_path: Path) -> None:
     own = tmp_path / "own"
     shutil.copytree(model_dir, own)
-    write_demo_prompts(DemoRecipe(), own)  # the default: the release's prompts
+    phantoms = write_dataset(3, 0, tmp_path / "data", spec=PhantomSpec(shape=(32, 48, 64)))
+    training = TrainConfig(manifest=phantoms, out_dir=tmp_path / "run")
+    assert write_demo_prompts(DemoRecipe(), own, training) == ()  # the release's prompts
     assert not (own / PROMPTS_FILE).exists()
-    write_demo_prompts(DemoRecipe(negative_prompts="normal-template"), own)
+    write_demo_prompts(DemoRecipe(negative_prompts="normal-template"), own, training)
     got = {f.name: f for f in Predictor(own, device="cpu").findings}
     for f in FINDINGS:
         assert got[f.name].positive == f.positive
         assert got[f.name].negative == normal_text(f.anatomy)
+    # text-selected reads the training reports; three phantoms are too few to move any finding
+    # off the table (tests/test_prompt_selection.py has the rule), and the old file goes
+    choices = write_demo_prompts(DemoRecipe(negative_prompts="text-selected"), own, training)
+    assert [c.finding for c in choices] == [f.name for f in FINDINGS]
+    assert not any(c.changed for c in choices) and not (own / PROMPTS_FILE).exists()
+    assert sum(c.with_finding + c.without_finding for c in choices) == 3 * len(FINDINGS)
     with pytest.raises(ConfigError, match="negative_prompts"):
         DemoRecipe(negative_prompts="none")

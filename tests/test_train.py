@@ -359,6 +359,22 @@ def test_cli_train(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "--allow-training-cases" in capsys.readouterr().err and not report.exists()
     assert main([*argv, "--split", "all", "--json", str(report), "--allow-training-cases"]) == 0
     assert json.loads(report.read_text())["findings"]
+    # negative prompts chosen on its training reports (fvlm_pacs.model.prompt_selection): six
+    # phantoms are fewer than MIN_CASES per finding, so all keep the table's and no file is made
+    model = tmp_path / "out" / "model"
+    select = ["model", "select-prompts", "--model", str(model)]
+    assert main([*select, "--config", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert "6 training cases" in printed and "| emphysema | " in printed
+    assert not (model / "prompts.yaml").exists()
+    # a config over cases it was not trained on is refused: validation/test reports stay unseen
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        f"manifest: {write_dataset(2, 100, tmp_path / 'other', spec=SMALL)}\nout_dir: out\n",
+        encoding="utf-8",
+    )
+    assert main([*select, "--config", str(other)]) == 2
+    assert "2 of 2 cases" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"manifest: {small}\nout_dir: out\nstepz: 2\n", encoding="utf-8")
     assert main(["train", "--config", str(bad)]) == 2

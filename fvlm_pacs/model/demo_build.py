@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,17 @@ from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.evaluation import EvalReport, calibrate, evaluate, write_thresholds
 from fvlm_pacs.model.checkpoint import demo_model_dir, read_meta
 from fvlm_pacs.model.config import RELEASED_HU_WINDOW, ModelConfig, tiny
+from fvlm_pacs.model.dataset import read_synthetic
+from fvlm_pacs.model.fvlm import FvlmModel
 from fvlm_pacs.model.model_prompts import PROMPTS_FILE, write_model_prompts
 from fvlm_pacs.model.predictor import THRESHOLDS_FILE, Predictor, anatomy_table_for
+from fvlm_pacs.model.prompt_selection import (
+    NegativeChoice,
+    choices_table,
+    select_negatives,
+    training_texts,
+    write_choices,
+)
 from fvlm_pacs.model.prompts import BANK_FILE
 from fvlm_pacs.model.train import TrainConfig, train
 from fvlm_pacs.model.zeroshot_eval import dataset_split, part_manifest, score_cases
@@ -43,17 +53,30 @@ log = logging.getLogger(__name__)
 DEMO_NAME = "fvlm-demo"
 CARD_FILE = "MODEL_CARD.md"
 EVAL_FILE = "eval.json"
-AFTER_TRAINING = (CARD_FILE, EVAL_FILE, THRESHOLDS_FILE, PROMPTS_FILE, BANK_FILE, SEG_SUBDIR)
+HELDOUT_EVAL_FILE = "eval_heldout.json"
+AFTER_TRAINING = (
+    CARD_FILE,
+    EVAL_FILE,
+    HELDOUT_EVAL_FILE,
+    THRESHOLDS_FILE,
+    PROMPTS_FILE,
+    BANK_FILE,
+    SEG_SUBDIR,
+)
+HELDOUT_SEED = 100_000
+"""First phantom seed of the card's independent held-out set (case i: seed + i), far from any
+recipe's own block ``[seed, seed + cases)`` — a recipe that would reach it is refused."""
 """What :func:`finish_demo` makes: never copied from the trained folder it starts from."""
 
 
-NEGATIVE_PROMPTS = ("release", "normal-template")
+NEGATIVE_PROMPTS = ("release", "normal-template", "text-selected")
 """The demo's negative prompts: the release's "Not X." of ``mappings/findings.yaml`` (words the
-demo's text tower never saw), or each anatomy's normal template ("Lung shows no significant
-abnormalities.", what every normal anatomy is trained on) written to the model's
-``prompts.yaml`` (see :mod:`fvlm_pacs.model.model_prompts`). Measured on the shipped weights
-with 200 independent phantoms the two score the same (``bench/prompt_wording.py``), so the
-default stays the release's."""
+demo's text tower never saw); each anatomy's normal template ("Lung shows no significant
+abnormalities.", what every normal anatomy is trained on); or per finding whichever of the two
+orders the train part's report texts better (:mod:`fvlm_pacs.model.prompt_selection`). The
+last two are written to the model's ``prompts.yaml`` (:mod:`fvlm_pacs.model.model_prompts`).
+Which of the first two works is a coin toss per finding and per training run (a finding's
+reports can fall on either side of the pair); the text side predicts it."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,17 @@ class DemoRecipe:
         # fail before minutes of phantom writing, not when training starts
         if self.objective not in ("fvlm", "fvlm-coteach"):
             raise ConfigError(f"objective: fvlm or fvlm-coteach, got {self.objective!r}")
+        if self.heldout_cases < 0:
+            raise ConfigError(f"heldout_cases: 0 or more, got {self.heldout_cases}")
+        if (
+            self.heldout_cases
+            and self.seed < HELDOUT_SEED + self.heldout_cases
+            and (HELDOUT_SEED < self.seed + self.cases)
+        ):
+            raise ConfigError(
+                f"seed: phantoms {self.seed}..{self.seed + self.cases - 1} would overlap the "
+                f"held-out block {HELDOUT_SEED}..{HELDOUT_SEED + self.heldout_cases - 1}"
+            )
         if self.negative_prompts not in NEGATIVE_PROMPTS:
             raise ConfigError(
                 f"negative_prompts: one of {NEGATIVE_PROMPTS}, got {self.negative_prompts!r}"
@@ -105,6 +139,7 @@ class DemoRecipe:
     hierarchical_stem: bool = False
     objective: str = "fvlm"
     negative_prompts: str = "release"
+    heldout_cases: int = 200
     version: str = "1"
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,31 +164,36 @@ def build_demo(
     data_s = time.perf_counter() - started
 
     t0 = time.perf_counter()
-    trained = train(
-        TrainConfig(
-            manifest=train_manifest,
-            out_dir=work_dir / "run",
-            model=recipe.model_config(),
-            crop=recipe.crop,
-            cache_dir=work_dir / "cache",
-            steps=recipe.steps,
-            batch_size=recipe.batch_size,
-            lr=recipe.lr,
-            patch_lr_scale=recipe.patch_lr_scale,
-            min_lr=min(1e-6, recipe.lr),
-            warmup_steps=max(1, recipe.steps // 10),
-            seed=recipe.seed,
-            objective=recipe.objective,
-            log_every=max(1, recipe.steps // 20),
-            checkpoint_every=10**9,
-            device=device,
-            name=DEMO_NAME,
-            version=recipe.version,
-        )
-    )
+    trained = train(training_config(recipe, train_manifest, work_dir, device))
     train_s = time.perf_counter() - t0
     timings = {"data_s": data_s, "train_s": train_s}
     return finish_demo(recipe, trained, manifest, work_dir, out, timings, device=device)
+
+
+def training_config(
+    recipe: DemoRecipe, train_manifest: Path, work_dir: Path, device: str = "cpu"
+) -> TrainConfig:
+    """The recipe's training run on the train part of its phantoms."""
+    return TrainConfig(
+        manifest=train_manifest,
+        out_dir=work_dir / "run",
+        model=recipe.model_config(),
+        crop=recipe.crop,
+        cache_dir=work_dir / "cache",
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        patch_lr_scale=recipe.patch_lr_scale,
+        min_lr=min(1e-6, recipe.lr),
+        warmup_steps=max(1, recipe.steps // 10),
+        seed=recipe.seed,
+        objective=recipe.objective,
+        log_every=max(1, recipe.steps // 20),
+        checkpoint_every=10**9,
+        device=device,
+        name=DEMO_NAME,
+        version=recipe.version,
+    )
 
 
 def finish_demo(
@@ -180,7 +220,9 @@ def finish_demo(
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(trained, staging, ignore=shutil.ignore_patterns(*AFTER_TRAINING))
-    write_demo_prompts(recipe, staging)
+    choices = write_demo_prompts(
+        recipe, staging, training_config(recipe, train_manifest, work_dir, device)
+    )
     t0 = time.perf_counter()
     predictor = Predictor(staging, device=device)
     root = manifest.parent
@@ -192,8 +234,16 @@ def finish_demo(
     predictor = Predictor(staging, device=device)  # reload: the calibrated thresholds apply
     test = score_cases(predictor, root, split.test)
     report = evaluate(test.scores, test.labels, predictor.thresholds)
-    timings = {**timings, "eval_s": time.perf_counter() - t0}
     (staging / EVAL_FILE).write_text(report.to_json() + "\n", encoding="utf-8")
+    heldout = None
+    if recipe.heldout_cases:
+        spec = PhantomSpec(shape=recipe.shape, spacing=recipe.spacing)
+        held = write_dataset(recipe.heldout_cases, HELDOUT_SEED, work_dir / "heldout", spec=spec)
+        cases = tuple(r.case_id for r in read_synthetic(held))
+        scored = score_cases(predictor, held.parent, cases)
+        heldout = evaluate(scored.scores, scored.labels, predictor.thresholds)
+        (staging / HELDOUT_EVAL_FILE).write_text(heldout.to_json() + "\n", encoding="utf-8")
+    timings = {**timings, "eval_s": time.perf_counter() - t0}
     seg_metrics: dict[str, Any] | None = None
     if recipe.seg_steps > 0:
         t0 = time.perf_counter()
@@ -211,7 +261,15 @@ def finish_demo(
         shutil.copytree(seg.out_dir, staging / SEG_SUBDIR)
         seg_metrics = seg.metrics
     (staging / CARD_FILE).write_text(
-        model_card(recipe, report, split_sizes=split, timings=timings, segmentation=seg_metrics),
+        model_card(
+            recipe,
+            report,
+            split_sizes=split,
+            timings=timings,
+            segmentation=seg_metrics,
+            prompt_choices=choices,
+            heldout=heldout,
+        ),
         encoding="utf-8",
     )
     if out.exists():
@@ -221,14 +279,27 @@ def finish_demo(
     return out
 
 
-def write_demo_prompts(recipe: DemoRecipe, model_dir: Path) -> None:
-    """The model's own negative prompts (``prompts.yaml``) when the recipe asks for them."""
+def write_demo_prompts(
+    recipe: DemoRecipe, model_dir: Path, training: TrainConfig
+) -> tuple[NegativeChoice, ...]:
+    """The model's own negative prompts (``prompts.yaml``) when the recipe asks for them;
+    ``training`` is the run that made ``model_dir`` (its texts decide ``text-selected``).
+    Returns the per-finding choices of ``text-selected`` (empty otherwise)."""
     if recipe.negative_prompts == "release":
-        return
+        return ()
     meta = read_meta(model_dir)
     table = anatomy_table_for(ModelConfig.from_dict(meta["model"]).anatomies)
-    prompts = {f.name: {"negative": normal_text(f.anatomy)} for f in load_findings(table)}
-    write_model_prompts(model_dir / PROMPTS_FILE, prompts)
+    findings = load_findings(table)
+    if recipe.negative_prompts == "normal-template":
+        prompts = {f.name: {"negative": normal_text(f.anatomy)} for f in findings}
+        write_model_prompts(model_dir / PROMPTS_FILE, prompts)
+        return ()
+    model = FvlmModel.from_checkpoint(model_dir, device="cpu").eval()
+    dataset = training.dataset(train=False)
+    dataset.anatomies = model.anatomies
+    choices = select_negatives(model.encode_text, training_texts(dataset), findings)
+    write_choices(model_dir / PROMPTS_FILE, choices)
+    return choices
 
 
 def model_card(
@@ -238,17 +309,29 @@ def model_card(
     split_sizes: Any,
     timings: dict[str, float],
     segmentation: dict[str, Any] | None = None,
+    prompt_choices: Sequence[NegativeChoice] = (),
+    heldout: EvalReport | None = None,
 ) -> str:
     """The model card: what the model is, what it was trained on, how well it does, and how to
     rebuild it. The first line after the title is the caveat ``fvlm-pacs demo`` prints.
-    ``segmentation`` is the builtin network's ``metrics.json`` (None: none shipped)."""
+    ``segmentation`` is the builtin network's ``metrics.json`` (None: none shipped);
+    ``prompt_choices`` the per-finding choices of ``text-selected`` negative prompts;
+    ``heldout`` the evaluation on the independent phantoms of :data:`HELDOUT_SEED`."""
     mean = report.mean_auc
     mean_txt = "n/a" if mean is None else f"{mean:.3f}"
+    held_mean = None if heldout is None else heldout.mean_auc
+    held_txt = "n/a" if held_mean is None else f"{held_mean:.3f}"
+    headline = (
+        f"held-out synthetic phantoms {mean_txt}"
+        if heldout is None
+        else f"{recipe.heldout_cases} independent synthetic phantoms {held_txt} (test part "
+        f"{mean_txt})"
+    )
     lines = [
         f"# Model card: {DEMO_NAME} {recipe.version}",
         "",
         f"caveat: synthetic training data only, NOT for clinical use; mean zero-shot AUC on "
-        f"held-out synthetic phantoms {mean_txt}.",
+        f"{headline}.",
         "",
         "## What it is",
         "",
@@ -294,21 +377,16 @@ def model_card(
         "## Zero-shot results on the held-out test part",
         "",
         f"Mean AUC {mean_txt} (findings with both classes in the test part). Prompts: "
-        + (
-            "the positive/negative pairs of `mappings/findings.yaml`."
-            if recipe.negative_prompts == "release"
-            else 'the positive prompts of `mappings/findings.yaml` ("Emphysema."); as '
-            "negative prompt each anatomy's normal template (\"Lung shows no significant "
-            'abnormalities.", the text every normal anatomy was trained on), in '
-            "`prompts.yaml`."
-        ),
+        + prompts_wording(recipe.negative_prompts),
         "",
+        *prompt_choices_section(prompt_choices),
         report.to_markdown(),
         "",
+        *heldout_section(recipe, heldout),
         *segmentation_section(segmentation, timings),
         "## Known limits",
         "",
-        limits(mean, hierarchical_stem=recipe.hierarchical_stem),
+        limits(mean if heldout is None else held_mean, hierarchical_stem=recipe.hierarchical_stem),
         "",
         "## Rebuild",
         "",
@@ -316,11 +394,65 @@ def model_card(
         f"fvlm-pacs model build-demo --cases {recipe.cases} --steps {recipe.steps} "
         f"--seg-steps {recipe.seg_steps} --seed {recipe.seed} --vit-width {recipe.vit_width} "
         f"--objective {recipe.objective} --negative-prompts {recipe.negative_prompts} "
-        f"--stem {'hierarchical' if recipe.hierarchical_stem else 'patch'}",
+        f"--stem {'hierarchical' if recipe.hierarchical_stem else 'patch'} "
+        f"--heldout-cases {recipe.heldout_cases}",
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def heldout_section(recipe: DemoRecipe, report: EvalReport | None) -> list[str]:
+    """The card's results on phantoms the build never split, trained or calibrated on."""
+    if report is None:
+        return []
+    mean = "n/a" if report.mean_auc is None else f"{report.mean_auc:.3f}"
+    return [
+        "## Zero-shot results on independent held-out phantoms",
+        "",
+        f"{recipe.heldout_cases} phantoms of the same grid with seeds {HELDOUT_SEED}–"
+        f"{HELDOUT_SEED + recipe.heldout_cases - 1} (the build's own: {recipe.seed}–"
+        f"{recipe.seed + recipe.cases - 1}), same prompts and thresholds: mean AUC {mean}. "
+        "The test part above holds few cases per finding (one case can move the mean by "
+        "several hundredths); this set is the one to compare builds on.",
+        "",
+        report.to_markdown(),
+        "",
+    ]
+
+
+def prompts_wording(negative_prompts: str) -> str:
+    """The card's sentence on which prompts the results below were scored with."""
+    if negative_prompts == "release":
+        return "the positive/negative pairs of `mappings/findings.yaml`."
+    lead = 'the positive prompts of `mappings/findings.yaml` ("Emphysema."); as negative prompt '
+    template = (
+        'each anatomy\'s normal template ("Lung shows no significant abnormalities.", the '
+        "text every normal anatomy was trained on)"
+    )
+    if negative_prompts == "normal-template":
+        return lead + template + ", in `prompts.yaml`."
+    return (
+        lead
+        + 'per finding the table\'s ("Not Emphysema.") or '
+        + template
+        + ", whichever ranks the train part's report texts better (table below), in "
+        "`prompts.yaml`."
+    )
+
+
+def prompt_choices_section(choices: Sequence[NegativeChoice]) -> list[str]:
+    """The per-finding negative prompts and the text-side AUCs they were chosen by."""
+    if not choices:
+        return []
+    return [
+        "Negative prompts, chosen on the train part's anatomy texts and labels only (no image, "
+        "no validation or test case): the AUC of cos(text, positive) − cos(text, negative) "
+        "over those texts, per candidate (`fvlm_pacs.model.prompt_selection`).",
+        "",
+        choices_table(choices),
+        "",
+    ]
 
 
 def segmentation_section(metrics: dict[str, Any] | None, timings: dict[str, float]) -> list[str]:

@@ -179,6 +179,21 @@ class TrainConfig:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"train config {path}: {exc}") from exc
 
+    def dataset(self, *, train: bool = True) -> ManifestDataset:
+        """The training cases as the trainer reads them (``train=False``: no augmentation, e.g.
+        to read their texts after training, :mod:`~fvlm_pacs.model.prompt_selection`)."""
+        return ManifestDataset(
+            self.manifest,
+            layout=self.layout,
+            crop=self.crop,
+            train=train,
+            seed=self.seed,
+            cache_dir=self.cache_dir,
+            flip_p=self.flip_p,
+            resample=self.resample,
+            normal_wording=self.normal_wording,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (paths as strings) for the checkpoint and logs."""
         out: dict[str, Any] = {}
@@ -431,17 +446,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    dataset = ManifestDataset(
-        cfg.manifest,
-        layout=cfg.layout,
-        crop=cfg.crop,
-        train=True,
-        seed=cfg.seed,
-        cache_dir=cfg.cache_dir,
-        flip_p=cfg.flip_p,
-        resample=cfg.resample,
-        normal_wording=cfg.normal_wording,
-    )
+    dataset = cfg.dataset()
     if len(dataset) == 0:
         raise ConfigError(f"manifest: {cfg.manifest} lists no usable case")
     tokenizer = _tokenizer(cfg, dataset, rank0, dist_on)

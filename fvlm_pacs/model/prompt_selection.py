@@ -1,0 +1,206 @@
+"""Per-finding negative prompts chosen on the training reports: the pair the text tower orders.
+
+Why: zero-shot scoring asks whether an anatomy embedding lies nearer the positive prompt
+("Emphysema.") or the negative one, and a model trained from scratch places the negative only
+where its training texts taught it to. The release's "Not Emphysema." is a phrase our text
+tower never read; the anatomy's normal template ("Lung shows no significant abnormalities.") is
+the text of every normal anatomy it was trained on, but an abnormal anatomy's text may lie nearer
+it than the positive prompt does (a lung report about emphysema, scored for pleural effusion).
+Which of the two orders a finding's reports the right way round differs per finding and per
+training run — measured on a stem demo model trained on 672 phantoms: with "Not X." three findings
+came out inverted on 200 held-out phantoms (septal thickening 0.024, pericardial effusion 0.001),
+with the template three others (pleural effusion 0.297); and per finding the text side below
+had the image side's polarity every time.
+
+The text side: over the training cases, each case's anatomy text (as the trainer gave it to the
+text tower) is encoded once; for a pair, ``cos(text, positive) − cos(text, negative)`` is that
+case's margin, and the AUC of the margins against the finding's label is what an image embedding
+equal to its own report text would score. Per finding the candidate with the highest AUC wins;
+a tie keeps the table's wording. Uses only training texts and their labels — never an image,
+never a validation or test case — so it is part of training, like choosing the vocabulary.
+Fewer than :data:`MIN_CASES` training cases with (or without) a finding: its table prompts
+stay, since an AUC over a handful of reports decides nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..codes import FindingDefinition
+from ..evaluation import roc_auc
+from ..phantoms import FINDINGS
+from ..reports import normal_text
+from .dataset import ManifestDataset
+from .model_prompts import write_model_prompts
+
+log = logging.getLogger(__name__)
+
+MIN_CASES = 10
+"""Training cases needed on each side of a finding's label before its prompts are chosen."""
+
+TextEncoder = Callable[[list[str]], torch.Tensor]
+"""``texts -> [N, E]`` L2-normalised embeddings, e.g. ``FvlmModel.encode_text``."""
+
+
+@dataclass(frozen=True)
+class TrainingTexts:
+    """Each training case's anatomy texts (the trainer's) and its finding labels.
+
+    ``texts[i][k]`` is case i's text for ``anatomies[k]``; ``labels[i, j]`` the case's label for
+    ``FINDINGS[j]`` (1, 0, or −1 = not given).
+    """
+
+    anatomies: tuple[str, ...]
+    texts: tuple[tuple[str, ...], ...]
+    labels: np.ndarray
+
+
+def training_texts(dataset: ManifestDataset, rows: Sequence[int] | None = None) -> TrainingTexts:
+    """The anatomy texts and labels of ``rows`` (default: every case) as the trainer reads them
+    (the dataset's decomposer and ``normal_wording``); no volume is loaded."""
+    picked = list(range(len(dataset)) if rows is None else rows)
+    labels = np.array([dataset.records[i].findings for i in picked], dtype=np.int64)
+    return TrainingTexts(
+        anatomies=dataset.anatomies,
+        texts=tuple(dataset.texts(i).texts for i in picked),
+        labels=labels.reshape(len(picked), len(FINDINGS)),
+    )
+
+
+@dataclass(frozen=True)
+class NegativeChoice:
+    """The negative prompt chosen for one finding, with the text-side AUC of every candidate."""
+
+    finding: str
+    positive: str
+    table_negative: str
+    candidates: tuple[tuple[str, float | None], ...]
+    chosen: str
+    with_finding: int
+    without_finding: int
+
+    @property
+    def changed(self) -> bool:
+        """Whether the model's wording differs from the findings table's."""
+        return self.chosen != self.table_negative
+
+
+def candidate_negatives(definition: FindingDefinition) -> tuple[str, ...]:
+    """The table's negative prompt, then the anatomy's normal template (first wins a tie)."""
+    out = [definition.negative]
+    template = normal_text(definition.anatomy)
+    if template.casefold() != definition.negative.casefold():
+        out.append(template)
+    return tuple(out)
+
+
+@torch.inference_mode()
+def encode_case_texts(encode: TextEncoder, data: TrainingTexts) -> torch.Tensor:
+    """[N, K, E] embeddings of every case's anatomy texts; each distinct text encoded once
+    (most normal anatomies share one template)."""
+    distinct = list(dict.fromkeys(t for case in data.texts for t in case))
+    rows = {t: i for i, t in enumerate(distinct)}
+    table = torch.cat([encode(distinct[s : s + 256]) for s in range(0, len(distinct), 256)])
+    index = torch.tensor([[rows[t] for t in case] for case in data.texts])
+    return table[index]
+
+
+@torch.inference_mode()
+def text_side_auc(
+    encode: TextEncoder,
+    embedded: torch.Tensor,
+    data: TrainingTexts,
+    definition: FindingDefinition,
+    negatives: Sequence[str],
+) -> list[float | None]:
+    """AUC of each negative in ``negatives`` paired with ``definition.positive``, over the cases
+    labelled for the finding (None: the finding's label is unknown or one class is missing)."""
+    if definition.name not in FINDINGS or definition.anatomy not in data.anatomies:
+        return [None] * len(negatives)
+    y = data.labels[:, FINDINGS.index(definition.name)]
+    known = y >= 0
+    anatomy = embedded[:, data.anatomies.index(definition.anatomy)]  # [N, E]
+    prompts = encode([definition.positive, *negatives])
+    margins = ((anatomy @ prompts[0])[:, None] - anatomy @ prompts[1:].T).numpy()  # [N, C]
+    return [roc_auc(margins[known, c], y[known]) for c in range(len(negatives))]
+
+
+def select_negatives(
+    encode: TextEncoder,
+    data: TrainingTexts,
+    findings: Sequence[FindingDefinition],
+    *,
+    min_cases: int = MIN_CASES,
+) -> tuple[NegativeChoice, ...]:
+    """Per finding, the candidate negative (:func:`candidate_negatives`) whose pair orders the
+    training texts best; see the module docstring for the rule."""
+    embedded = encode_case_texts(encode, data)
+    out = []
+    for d in findings:
+        negatives = candidate_negatives(d)
+        aucs = text_side_auc(encode, embedded, data, d, negatives)
+        labels = data.labels[:, FINDINGS.index(d.name)] if d.name in FINDINGS else np.zeros(0, int)
+        pos, neg = int((labels == 1).sum()), int((labels == 0).sum())
+        chosen = d.negative
+        if min(pos, neg) >= min_cases:
+            best = None
+            for text, auc in zip(negatives, aucs, strict=True):
+                if auc is not None and (best is None or auc > best):
+                    chosen, best = text, auc
+        out.append(
+            NegativeChoice(
+                finding=d.name,
+                positive=d.positive,
+                table_negative=d.negative,
+                candidates=tuple(zip(negatives, aucs, strict=True)),
+                chosen=chosen,
+                with_finding=pos,
+                without_finding=neg,
+            )
+        )
+    log.info(
+        "negative prompts chosen on %d training cases: %d of %d finding(s) differ from the table",
+        len(data.texts),
+        sum(c.changed for c in out),
+        len(out),
+    )
+    return tuple(out)
+
+
+def write_choices(path: Path, choices: Sequence[NegativeChoice]) -> Path | None:
+    """The model's ``prompts.yaml`` with the findings whose chosen negative is not the table's;
+    an existing file is removed when none differs (the table's prompts then apply)."""
+    changed = {c.finding: {"negative": c.chosen} for c in choices if c.changed}
+    if not changed:
+        path.unlink(missing_ok=True)
+        return None
+    return write_model_prompts(path, changed)
+
+
+def choices_table(choices: Sequence[NegativeChoice]) -> str:
+    """Markdown: per finding, the text-side AUC of the table's negative and of the template,
+    and which one the model is scored with."""
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| finding | cases with / without | table's negative | normal template | scored with |",
+        "|---|---|---|---|---|",
+    ]
+    for c in choices:
+        aucs = dict(c.candidates)
+        template = next((t for t in aucs if t != c.table_negative), None)
+        lines.append(
+            f"| {c.finding} | {c.with_finding} / {c.without_finding} "
+            f"| {fmt(aucs[c.table_negative])} "
+            f"| {fmt(aucs[template]) if template is not None else 'n/a'} "
+            f"| {'normal template' if c.changed else 'table'} |"
+        )
+    return "\n".join(lines)

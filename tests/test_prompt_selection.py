@@ -1,0 +1,163 @@
+"""Per-finding negative prompts chosen on the training texts (``text-selected``).
+
+The text encoder here is a lookup table of hand-placed unit vectors in R³, so every margin and
+AUC below is a hand computation: each positive prompt sits on x, each table negative ("Not X.")
+on y, each anatomy's normal template on z. A case's margin for a pair is
+``t·positive − t·negative``; the AUC ranks cases with the finding above those without.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fvlm_pacs.codes import load_anatomies, load_findings
+from fvlm_pacs.model.demo_build import DemoRecipe, prompt_choices_section, prompts_wording
+from fvlm_pacs.model.model_prompts import PROMPTS_FILE, apply_model_prompts
+from fvlm_pacs.model.prompt_selection import (
+    TrainingTexts,
+    candidate_negatives,
+    choices_table,
+    select_negatives,
+    write_choices,
+)
+from fvlm_pacs.phantoms import FINDINGS
+from fvlm_pacs.reports import CT_RATE_ANATOMIES, normal_text
+
+TABLE = load_findings(load_anatomies("ct-rate"))
+BY_NAME = {d.name: d for d in TABLE}
+S5 = 1 / math.sqrt(5)
+X, Y, Z = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+
+# Case texts. "Emphysema in both upper lobes." leans to the table's negative: y·t > x·t.
+EMPHYSEMA_TEXT = "Emphysema in both upper lobes."
+ENLARGED_HEART = "The heart is enlarged."  # leans to the normal template: z·t > x·t
+EFFUSION = "A small pericardial effusion is seen."  # another heart finding, placed on y ("Not X.")
+HERNIA = "Hiatal hernia."  # the positive prompt's own words
+VECTORS: dict[str, tuple[float, float, float]] = {
+    EMPHYSEMA_TEXT: (S5, 2 * S5, 0.0),
+    ENLARGED_HEART: (S5, 0.0, 2 * S5),
+    EFFUSION: Y,
+    HERNIA: X,
+    **{d.positive: X for d in TABLE},
+    **{d.negative: Y for d in TABLE},
+    **{normal_text(a): Z for a in CT_RATE_ANATOMIES},
+}
+
+
+def encode(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([VECTORS[t] for t in texts], dtype=torch.float32)
+
+
+def case(lung: str = "", heart: str = "", esophagus: str = "", aorta: str = "") -> tuple[str, ...]:
+    given = (lung, heart, esophagus, aorta)
+    return tuple(t or normal_text(a) for t, a in zip(given, CT_RATE_ANATOMIES, strict=True))
+
+
+def dataset() -> TrainingTexts:
+    """24 cases: emphysema in 0-11 (case 23's label not given), cardiomegaly in 0-5 with an
+    effusion-worded heart in the other 18, hiatal hernia in 0-9, arterial calcification in 0-1
+    only (worded like the emphysema texts, so the template would win on AUC)."""
+    n = 24
+    labels = np.zeros((n, len(FINDINGS)), dtype=np.int64)
+    texts = []
+    for i in range(n):
+        texts.append(
+            case(
+                lung=EMPHYSEMA_TEXT if i < 12 else "",
+                heart=ENLARGED_HEART if i < 6 else EFFUSION,
+                esophagus=HERNIA if i < 10 else "",
+                aorta=EMPHYSEMA_TEXT if i < 2 else "",
+            )
+        )
+        for name, present in (
+            ("emphysema", i < 12),
+            ("cardiomegaly", i < 6),
+            ("hiatal_hernia", i < 10),
+            ("arterial_wall_calcification", i < 2),
+        ):
+            labels[i, FINDINGS.index(name)] = int(present)
+    labels[23, FINDINGS.index("emphysema")] = -1
+    return TrainingTexts(CT_RATE_ANATOMIES, tuple(texts), labels)
+
+
+@pytest.fixture(scope="module")
+def choices() -> dict[str, object]:
+    picked = select_negatives(encode, dataset(), TABLE, min_cases=5)
+    assert [c.finding for c in picked] == [d.name for d in TABLE]
+    return {c.finding: c for c in picked}
+
+
+def aucs(choice: object) -> list[float | None]:
+    return [auc for _, auc in choice.candidates]  # type: ignore[attr-defined]
+
+
+def test_candidates_are_the_tables_negative_then_the_normal_template() -> None:
+    d = BY_NAME["emphysema"]
+    assert candidate_negatives(d) == ("Not Emphysema.", "Lung shows no significant abnormalities.")
+
+
+def test_the_template_wins_where_the_tables_negative_inverts_the_reports(choices: dict) -> None:
+    c = choices["emphysema"]
+    # with finding: t = (1, 2, 0)/√5 → table margin (1 − 2)/√5 < 0, template margin 1/√5
+    # without: the template z → table margin 0, template margin −1
+    assert aucs(c) == [0.0, 1.0]
+    assert c.chosen == normal_text("lung") and c.changed
+    # case 23's label is not given: counted on neither side
+    assert (c.with_finding, c.without_finding) == (12, 11)
+
+
+def test_the_tables_negative_stays_where_it_orders_the_reports(choices: dict) -> None:
+    c = choices["cardiomegaly"]
+    # with: t = (1, 0, 2)/√5 → table 1/√5, template (1 − 2)/√5; without: y → table −1, template 0
+    assert aucs(c) == [1.0, 0.0]
+    assert c.chosen == "Not Cardiomegaly." and not c.changed
+
+
+def test_a_tie_keeps_the_table(choices: dict) -> None:
+    c = choices["hiatal_hernia"]
+    # with: x → both margins 1; without: z → table 0, template −1: both AUC 1
+    assert aucs(c) == [1.0, 1.0] and not c.changed
+
+
+def test_too_few_cases_keep_the_table_whatever_the_auc(choices: dict) -> None:
+    c = choices["arterial_wall_calcification"]
+    assert aucs(c) == [0.0, 1.0]  # the template would win ...
+    assert (c.with_finding, c.without_finding) == (2, 22) and not c.changed  # ... on 2 cases
+
+
+def test_a_finding_without_positive_cases_has_no_auc(choices: dict) -> None:
+    c = choices["lung_nodule"]
+    assert aucs(c) == [None, None] and not c.changed and c.with_finding == 0
+
+
+def test_the_prompts_file_holds_the_changed_findings_only(choices: dict, tmp_path: Path) -> None:
+    path = tmp_path / PROMPTS_FILE
+    assert write_choices(path, list(choices.values())) == path
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert doc["findings"] == {"emphysema": {"negative": normal_text("lung")}}
+    served = {d.name: d for d in apply_model_prompts(path, TABLE)}
+    assert served["emphysema"].negative == normal_text("lung")
+    assert served["cardiomegaly"] == BY_NAME["cardiomegaly"]
+    # nothing changed: an old file must not keep serving stale choices
+    unchanged = [c for c in choices.values() if not c.changed]
+    assert write_choices(path, unchanged) is None and not path.exists()
+
+
+def test_the_card_states_the_rule_and_the_table(choices: dict) -> None:
+    table = choices_table(list(choices.values()))
+    assert "| emphysema | 12 / 11 | 0.000 | 1.000 | normal template |" in table
+    assert "| cardiomegaly | 6 / 18 | 1.000 | 0.000 | table |" in table
+    assert "| lung_nodule | 0 / 24 | n/a | n/a | table |" in table
+    assert "whichever ranks the train part's report texts better" in prompts_wording(
+        "text-selected"
+    )
+    section = "\n".join(prompt_choices_section(list(choices.values())))
+    assert "no image, no validation or test case" in section and table in section
+    assert prompt_choices_section([]) == []  # release / normal-template: no such section
+    assert DemoRecipe(negative_prompts="text-selected").negative_prompts == "text-selected"
