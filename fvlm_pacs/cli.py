@@ -339,6 +339,8 @@ def _select_prompts(args: argparse.Namespace) -> int:
         model_path = resolve_model_path(args.model)
         dataset = cfg.dataset(train=False)
         ids = [r.case_id for r in dataset.records]
+        if not ids:
+            raise ConfigError(f"{cfg.manifest} lists no case")
         seen = training_overlap(model_path, cfg.manifest, ids)
         if (model_path / "training_cases.json").is_file() and len(seen) < len(ids):
             raise ConfigError(

@@ -398,6 +398,10 @@ def model_card(
         f"--heldout-cases {recipe.heldout_cases}",
         "```",
         "",
+        "Seeded, but float sums depend on the number of torch threads (training runs on 1 and 2 "
+        "threads part after a few hundred steps): a rebuild repeats the recipe, not these exact "
+        "weights.",
+        "",
     ]
     return "\n".join(lines)
 
