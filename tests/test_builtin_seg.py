@@ -152,7 +152,7 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
     heldout = json.loads((out / "eval_heldout.json").read_text())
     assert len(heldout["findings"]) == 16 and "--heldout-cases 2" in card
     assert "## Zero-shot results on independent held-out phantoms" in card
-    assert "seeds 100000–100001 (the build's own: 0–5)" in card
+    assert "seeds 100000–100001 (the build's own: 1–6)" in card
     caveat = next(line for line in card.splitlines() if line.startswith("caveat:"))
     assert "2 independent synthetic phantoms" in caveat
 

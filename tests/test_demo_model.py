@@ -88,10 +88,10 @@ def test_build_demo_command_uses_the_recipe_defaults(
     monkeypatch.setattr(demo_build, "build_demo", fake_build)
     assert main(["model", "build-demo", "--work", str(tmp_path / "w")]) == 0
     assert main(["model", "build-demo", "--steps", "7", "--work", str(tmp_path / "w")]) == 0
-    assert main(["model", "build-demo", "--stem", "hierarchical", "--work", str(tmp_path)]) == 0
+    assert main(["model", "build-demo", "--stem", "patch", "--work", str(tmp_path)]) == 0
     assert seen[0] == demo_build.DemoRecipe()
     assert seen[1] == demo_build.DemoRecipe(steps=7)
-    assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=True)
+    assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=False)
     # the shipped model is what the default recipe builds: its card's rebuild line, version
     # and network are the defaults'
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -100,6 +100,8 @@ def test_build_demo_command_uses_the_recipe_defaults(
         line for line in card.splitlines() if line.startswith("fvlm-pacs model build-demo")
     )
     assert f"--steps {recipe.steps} " in rebuild and f"--cases {recipe.cases} " in rebuild
+    assert f"--seed {recipe.seed} " in rebuild
+    assert f"--negative-prompts {recipe.negative_prompts} " in rebuild
     assert ("--stem hierarchical" in rebuild) == recipe.hierarchical_stem
     meta = read_meta(DEMO)
     assert meta["version"] == recipe.version
@@ -115,19 +117,19 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     from fvlm_pacs.model.config import ModelConfig, tiny
     from fvlm_pacs.model.intensity import FOUR_WINDOWS
 
-    default = demo_build.DemoRecipe().model_config()
+    default = demo_build.DemoRecipe(hierarchical_stem=False).model_config()
     assert "vocab_size" not in default["text"]
     text = {**default["text"], "vocab_size": 317}
     assert ModelConfig.from_dict({**default, "text": text}) == tiny(vocab_size=317)
-    four = demo_build.DemoRecipe(hu_windows=FOUR_WINDOWS).model_config()
+    four = demo_build.DemoRecipe(hu_windows=FOUR_WINDOWS, hierarchical_stem=False).model_config()
     got = ModelConfig.from_dict({**four, "text": text})
     assert got.vision.hu_windows == FOUR_WINDOWS and got.vision.in_channels == 4
     assert got == tiny(vocab_size=317, hu_windows=FOUR_WINDOWS)
-    stem = demo_build.DemoRecipe(hierarchical_stem=True).model_config()
+    stem = demo_build.DemoRecipe().model_config()  # the shipped recipe: the stem
     assert ModelConfig.from_dict({**stem, "text": text}) == tiny(
         vocab_size=317, hierarchical_stem=True
     )
-    wide = demo_build.DemoRecipe(vit_width=192).model_config()
+    wide = demo_build.DemoRecipe(vit_width=192, hierarchical_stem=False).model_config()
     assert wide["vision"]["hidden_size"] == 192 and wide["vision"]["mlp_dim"] == 384
     assert {k: v for k, v in wide.items() if k != "vision"} == {
         k: v for k, v in default.items() if k != "vision"

@@ -128,7 +128,8 @@ def test_the_demo_recipe_writes_its_negative_prompts(model_dir: Path, tmp_path: 
     shutil.copytree(model_dir, own)
     phantoms = write_dataset(3, 0, tmp_path / "data", spec=PhantomSpec(shape=(32, 48, 64)))
     training = TrainConfig(manifest=phantoms, out_dir=tmp_path / "run")
-    assert write_demo_prompts(DemoRecipe(), own, training) == ()  # the release's prompts
+    release = DemoRecipe(negative_prompts="release")
+    assert write_demo_prompts(release, own, training) == ()
     assert not (own / PROMPTS_FILE).exists()
     write_demo_prompts(DemoRecipe(negative_prompts="normal-template"), own, training)
     got = {f.name: f for f in Predictor(own, device="cpu").findings}

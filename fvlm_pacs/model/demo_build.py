@@ -91,6 +91,12 @@ class DemoRecipe:
     :data:`~fvlm_pacs.model.config.HMLP_STEM_STRIDES`, else the release's convolution, which
     trains at ``patch_lr_scale``); the rest of the network is
     :func:`~fvlm_pacs.model.config.tiny`.
+
+    The defaults are the shipped ``fvlm-demo 2``: 960 phantoms (seeds 1–960), the hierarchical
+    stem, ``text-selected`` negative prompts. The same recipe with seed 0 scored 0.694 mean AUC
+    on the card's 200 independent phantoms; the shipped seed-1 run is the second run of it
+    (bench/README.md). ``fvlm-demo 1`` was 240 phantoms, seed 0, the patch convolution and the
+    release's prompts (0.607 on the same 200).
     """
 
     def __post_init__(self) -> None:
@@ -124,8 +130,8 @@ class DemoRecipe:
         del data["text"]["vocab_size"]
         return data
 
-    cases: int = 240
-    seed: int = 0
+    cases: int = 960
+    seed: int = 1
     steps: int = 2000
     batch_size: int = 8
     lr: float = 1e-3
@@ -136,11 +142,11 @@ class DemoRecipe:
     seg_steps: int = 600
     vit_width: int = 64
     hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,)
-    hierarchical_stem: bool = False
+    hierarchical_stem: bool = True
     objective: str = "fvlm"
-    negative_prompts: str = "release"
+    negative_prompts: str = "text-selected"
     heldout_cases: int = 200
-    version: str = "1"
+    version: str = "2"
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -518,6 +524,6 @@ def limits(mean_auc: float | None, *, hierarchical_stem: bool = False) -> str:
             "detection."
         )
     return base + (
-        "Measured mean AUC is above chance on the synthetic test part, which says nothing "
+        "Measured mean AUC is above chance on synthetic phantoms, which says nothing "
         "about real CT: use it only to demonstrate the product."
     )
