@@ -63,10 +63,10 @@ AFTER_TRAINING = (
     BANK_FILE,
     SEG_SUBDIR,
 )
+"""What :func:`finish_demo` makes: never copied from the trained folder it starts from."""
 HELDOUT_SEED = 100_000
 """First phantom seed of the card's independent held-out set (case i: seed + i), far from any
 recipe's own block ``[seed, seed + cases)`` — a recipe that would reach it is refused."""
-"""What :func:`finish_demo` makes: never copied from the trained folder it starts from."""
 
 
 NEGATIVE_PROMPTS = ("release", "normal-template", "text-selected")
@@ -76,7 +76,8 @@ abnormalities.", what every normal anatomy is trained on); or per finding whiche
 orders the train part's report texts better (:mod:`fvlm_pacs.model.prompt_selection`). The
 last two are written to the model's ``prompts.yaml`` (:mod:`fvlm_pacs.model.model_prompts`).
 Which of the first two works is a coin toss per finding and per training run (a finding's
-reports can fall on either side of the pair); the text side predicts it."""
+reports can fall on either side of the pair); the text side predicts it as far as the images lie
+near their reports (on the 960-phantom runs, not on 168-phantom ones: ``bench/README.md``)."""
 
 
 @dataclass(frozen=True)
