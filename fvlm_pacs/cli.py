@@ -1,5 +1,5 @@
 """Command line: ``fvlm-pacs serve | worker | run | demo | synth | train | eval | calibrate | db upgrade |
-echo | mappings check | model import | validate``.
+echo | mappings check | model import | model select-prompts | model build-demo | validate``.
 
 The only module that configures logging. Flags override the environment, which overrides the
 YAML file given with ``--config``.
@@ -12,10 +12,14 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fvlm_pacs import __version__
 from fvlm_pacs.config import Settings, load_settings
 from fvlm_pacs.errors import ConfigError, FvlmPacsError
+
+if TYPE_CHECKING:  # the model stack (torch) loads only for the commands that need it
+    from fvlm_pacs.model.prompt_selection import NegativeChoice
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +157,22 @@ def parser() -> argparse.ArgumentParser:
     )
     select = model_sub.add_parser(
         "select-prompts",
-        help="per finding, the negative prompt that ranks the model's training reports best "
-        "(writes its prompts.yaml)",
+        help="per finding, the negative prompt that ranks the model's training reports or "
+        "labelled validation images best (writes its prompts.yaml)",
     )
     select.add_argument("--model", type=Path, required=True, help="trained fVLM model folder")
-    select.add_argument(
+    on = select.add_mutually_exclusive_group(required=True)
+    on.add_argument(
         "--config",
         type=Path,
-        required=True,
-        help="the training YAML it was trained with: its manifest's reports and labels are read",
+        help="on the training reports: the training YAML it was trained with",
     )
+    on.add_argument(
+        "--data",
+        type=Path,
+        help="on labelled images: a phantom folder with manifest.csv (its validation split)",
+    )
+    select.add_argument("--seed", type=int, default=0, help="seed of the case split (--data)")
     select.add_argument("--dry-run", action="store_true", help="print the choices only")
     demo = model_sub.add_parser(
         "build-demo", help="make the shipped demo model: phantoms, training, calibration, card"
@@ -184,10 +194,11 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--negative-prompts",
-        choices=["release", "normal-template", "text-selected"],
+        choices=["release", "normal-template", "text-selected", "val-selected"],
         help="the model's negative prompts: the release's 'Not X.' of mappings/findings.yaml, "
         "each anatomy's normal template, or per finding whichever of the two ranks the train "
-        "part's reports better (the last two written to the model's prompts.yaml)",
+        "part's reports (text-selected) or the validation images (val-selected) better; all but "
+        "release are written to the model's prompts.yaml",
     )
     demo.add_argument(
         "--stem",
@@ -319,48 +330,38 @@ def _build_demo(args: argparse.Namespace) -> int:
 
 
 def _select_prompts(args: argparse.Namespace) -> int:
-    """Choose each finding's negative prompt on the training texts; write ``prompts.yaml``."""
-    from fvlm_pacs.codes import load_findings
-    from fvlm_pacs.model import FvlmModel
+    """Choose each finding's negative prompt on the training texts (``--config``) or on the
+    validation images (``--data``); write ``prompts.yaml``."""
+    import shutil
+    import tempfile
+
     from fvlm_pacs.model.checkpoint import resolve_model_path
     from fvlm_pacs.model.model_prompts import default_prompts_path
-    from fvlm_pacs.model.predictor import THRESHOLDS_FILE, anatomy_table_for
-    from fvlm_pacs.model.prompt_selection import (
-        choices_table,
-        select_negatives,
-        training_texts,
-        write_choices,
-    )
-    from fvlm_pacs.model.provenance import training_overlap
-    from fvlm_pacs.model.train import TrainConfig
+    from fvlm_pacs.model.predictor import THRESHOLDS_FILE
+    from fvlm_pacs.model.prompt_selection import choices_table, select_on_images, write_choices
 
     try:
-        cfg = TrainConfig.from_yaml(args.config)
         model_path = resolve_model_path(args.model)
-        dataset = cfg.dataset(train=False)
-        ids = [r.case_id for r in dataset.records]
-        if not ids:
-            raise ConfigError(f"{cfg.manifest} lists no case")
-        seen = training_overlap(model_path, cfg.manifest, ids)
-        if (model_path / "training_cases.json").is_file() and len(seen) < len(ids):
-            raise ConfigError(
-                f"{len(ids) - len(seen)} of {len(ids)} cases of {cfg.manifest} were not used to "
-                f"train {model_path}: prompts are chosen on its training reports only, so that "
-                "validation and test cases stay unseen"
-            )
-        model = FvlmModel.from_checkpoint(model_path, device="cpu").eval()
-        dataset.anatomies = model.anatomies
-        findings = load_findings(anatomy_table_for(model.anatomies))
+        if args.config is not None:
+            where, choices = _choices_on_training_texts(model_path, args.config)
+        else:
+            where, cases = _validation_cases(model_path, args.data, args.seed)
+            with tempfile.TemporaryDirectory() as tmp:
+                # scored in a copy: the model folder changes only below, and only without
+                # --dry-run; its thresholds (made for other prompts) must not load
+                work = Path(tmp) / "model"
+                shutil.copytree(
+                    model_path, work, ignore=shutil.ignore_patterns(THRESHOLDS_FILE, "*.yaml")
+                )
+                choices, _ = select_on_images(work, args.data, cases)
     except (FvlmPacsError, OSError, ValueError) as exc:
         print(f"fvlm-pacs: {exc}", file=sys.stderr)
         return 2
-    choices = select_negatives(model.encode_text, training_texts(dataset), findings)
-    print(f"{len(ids)} training cases of {cfg.manifest}; text-side AUC per negative prompt:\n")
+    print(f"{where}; AUC per negative prompt:\n")
     print(choices_table(choices))
     if args.dry_run:
         return 0
-    path = default_prompts_path(model_path)
-    written = write_choices(path, choices)
+    written = write_choices(default_prompts_path(model_path), choices)
     print(f"\n{written or 'no prompts file (every finding keeps the table prompts)'}")
     thresholds = model_path / THRESHOLDS_FILE if model_path.is_dir() else None
     if thresholds is not None and thresholds.is_file():
@@ -376,6 +377,54 @@ def _select_prompts(args: argparse.Namespace) -> int:
                 "model will not load until you re-run `fvlm-pacs calibrate`"
             )
     return 0
+
+
+def _choices_on_training_texts(
+    model_path: Path, config: Path
+) -> tuple[str, tuple[NegativeChoice, ...]]:
+    """``select-prompts --config``: the training reports, refused unless they are the model's."""
+    from fvlm_pacs.codes import load_findings
+    from fvlm_pacs.model import FvlmModel
+    from fvlm_pacs.model.predictor import anatomy_table_for
+    from fvlm_pacs.model.prompt_selection import select_negatives, training_texts
+    from fvlm_pacs.model.provenance import TRAINING_CASES_FILE, training_overlap
+    from fvlm_pacs.model.train import TrainConfig
+
+    cfg = TrainConfig.from_yaml(config)
+    dataset = cfg.dataset(train=False)
+    ids = [r.case_id for r in dataset.records]
+    if not ids:
+        raise ConfigError(f"{cfg.manifest} lists no case")
+    seen = training_overlap(model_path, cfg.manifest, ids)
+    if (model_path / TRAINING_CASES_FILE).is_file() and len(seen) < len(ids):
+        raise ConfigError(
+            f"{len(ids) - len(seen)} of {len(ids)} cases of {cfg.manifest} were not used to "
+            f"train {model_path}: prompts are chosen on its training reports only, so that "
+            "validation and test cases stay unseen"
+        )
+    model = FvlmModel.from_checkpoint(model_path, device="cpu").eval()
+    dataset.anatomies = model.anatomies
+    findings = load_findings(anatomy_table_for(model.anatomies))
+    choices = select_negatives(model.encode_text, training_texts(dataset), findings)
+    return f"{len(ids)} training reports of {cfg.manifest} (text side)", choices
+
+
+def _validation_cases(model_path: Path, data: Path, seed: int) -> tuple[str, tuple[str, ...]]:
+    """``select-prompts --data``: the validation split, as ``calibrate`` reads it."""
+    from fvlm_pacs.model.provenance import training_overlap
+    from fvlm_pacs.model.zeroshot_eval import dataset_split
+
+    manifest = data / "manifest.csv"
+    if not manifest.is_file():
+        raise ConfigError(f"{manifest} does not exist")
+    cases = dataset_split(manifest, seed).val
+    seen = training_overlap(model_path, manifest, cases)
+    if seen:
+        raise ConfigError(
+            f"{len(seen)} of {len(cases)} validation cases were used to train {model_path} "
+            f"(e.g. {seen[0]}): choose prompts on cases it never saw"
+        )
+    return f"{len(cases)} validation images of {data} (zero-shot)", cases
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,12 @@ from fvlm_pacs.codes import load_anatomies, load_findings
 from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.evaluation import write_thresholds
 from fvlm_pacs.model import FvlmModel
-from fvlm_pacs.model.demo_build import DemoRecipe, write_demo_prompts
+from fvlm_pacs.model.demo_build import (
+    DemoRecipe,
+    prompt_choices_section,
+    prompts_wording,
+    write_demo_prompts,
+)
 from fvlm_pacs.model.model_prompts import (
     PROMPTS_FILE,
     apply_model_prompts,
@@ -27,7 +33,9 @@ from fvlm_pacs.model.model_prompts import (
     write_model_prompts,
 )
 from fvlm_pacs.model.predictor import Predictor, load_thresholds
+from fvlm_pacs.model.prompt_selection import select_on_images
 from fvlm_pacs.model.train import TrainConfig
+from fvlm_pacs.model.zeroshot_eval import score_cases
 from fvlm_pacs.phantoms import PhantomSpec, write_dataset
 from fvlm_pacs.reports import normal_text
 
@@ -144,3 +152,25 @@ def test_the_demo_recipe_writes_its_negative_prompts(model_dir: Path, tmp_path: 
     assert sum(c.with_finding + c.without_finding for c in choices) == 3 * len(FINDINGS)
     with pytest.raises(ConfigError, match="negative_prompts"):
         DemoRecipe(negative_prompts="none")
+
+
+def test_val_selected_scores_each_candidate_and_keeps_the_chosen_scores(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The demo's ``val-selected`` path on a random model and three phantoms: both candidate
+    sets are scored, three cases are too few to move any finding off the table (so no file),
+    and the scores handed to calibration are the table set's, finding by finding."""
+    own = tmp_path / "own"
+    shutil.copytree(model_dir, own)
+    write_model_prompts(own / PROMPTS_FILE, {"emphysema": {"negative": "An old choice."}})
+    phantoms = write_dataset(3, 0, tmp_path / "data", spec=PhantomSpec(shape=(32, 48, 64)))
+    cases = ("case_00000", "case_00001", "case_00002")
+    choices, scored = select_on_images(own, phantoms.parent, cases)
+    assert [c.finding for c in choices] == [f.name for f in FINDINGS]
+    assert not any(c.changed for c in choices) and not (own / PROMPTS_FILE).exists()
+    table = score_cases(Predictor(own, device="cpu"), phantoms.parent, cases)
+    for f in FINDINGS:
+        np.testing.assert_allclose(scored.scores[f.name], table.scores[f.name], rtol=0, atol=1e-6)
+        assert dict(choices[0].candidates).keys() == {"Not Emphysema.", LUNG_NORMAL}
+    assert "validation part's images" in prompts_wording("val-selected")
+    assert "never the test part" in "\n".join(prompt_choices_section(choices, "val-selected"))

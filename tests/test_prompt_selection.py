@@ -24,6 +24,7 @@ from fvlm_pacs.model.prompt_selection import (
     candidate_negatives,
     choices_table,
     select_negatives,
+    select_negatives_on_images,
     write_choices,
 )
 from fvlm_pacs.phantoms import FINDINGS
@@ -161,3 +162,28 @@ def test_the_card_states_the_rule_and_the_table(choices: dict) -> None:
     assert "no image, no validation or test case" in section and table in section
     assert prompt_choices_section([]) == []  # release / normal-template: no such section
     assert DemoRecipe().negative_prompts == "text-selected"  # the shipped demo's
+
+
+# --- chosen on labelled images (val-selected) -------------------------------------------------
+def test_on_images_the_candidate_that_ranks_them_best_wins() -> None:
+    """Scores of six images per candidate (table's negative, normal template), by hand: the
+    template ranks emphysema right and the table's inverts it; cardiomegaly the other way; a
+    not-assessable image (NaN) counts on neither side; hiatal hernia ties; aortic calcification
+    has too few positives to move."""
+    y = np.array([1, 1, 1, 0, 0, 0])
+    up, down = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1]), np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    names = [d.name for d in TABLE]
+    table = {n: up for n in names} | {"emphysema": down, "hiatal_hernia": up}
+    template = {n: up for n in names} | {"cardiomegaly": down, "hiatal_hernia": up}
+    template["emphysema"] = np.array([0.9, 0.8, np.nan, 0.3, 0.2, 0.1])
+    labels = {n: y for n in names} | {"arterial_wall_calcification": np.array([1, 0, 0, 0, 0, 0])}
+    got = {
+        c.finding: c
+        for c in select_negatives_on_images(TABLE, [table, template], labels, min_cases=2)
+    }
+    assert aucs(got["emphysema"]) == [0.0, 1.0] and got["emphysema"].changed
+    assert got["emphysema"].chosen == normal_text("lung")
+    assert aucs(got["cardiomegaly"]) == [1.0, 0.0] and not got["cardiomegaly"].changed
+    assert aucs(got["hiatal_hernia"]) == [1.0, 1.0] and not got["hiatal_hernia"].changed
+    assert got["arterial_wall_calcification"].with_finding == 1
+    assert not got["arterial_wall_calcification"].changed

@@ -365,16 +365,20 @@ def test_cli_train(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     select = ["model", "select-prompts", "--model", str(model)]
     assert main([*select, "--config", str(cfg)]) == 0
     printed = capsys.readouterr().out
-    assert "6 training cases" in printed and "| emphysema | " in printed
+    assert "6 training reports" in printed and "| emphysema | " in printed
     assert not (model / "prompts.yaml").exists()
     # a config over cases it was not trained on is refused: validation/test reports stay unseen
+    unseen = write_dataset(6, 100, tmp_path / "unseen", spec=SMALL)
     other = tmp_path / "other.yaml"
-    other.write_text(
-        f"manifest: {write_dataset(2, 100, tmp_path / 'other', spec=SMALL)}\nout_dir: out\n",
-        encoding="utf-8",
-    )
+    other.write_text(f"manifest: {unseen}\nout_dir: out\n", encoding="utf-8")
     assert main([*select, "--config", str(other)]) == 2
-    assert "2 of 2 cases" in capsys.readouterr().err
+    assert "6 of 6 cases" in capsys.readouterr().err
+    # ... and on images, its training phantoms are refused, unseen ones scored (too few to move)
+    assert main([*select, "--data", str(small.parent)]) == 2
+    assert "choose prompts on cases it never saw" in capsys.readouterr().err
+    assert main([*select, "--data", str(unseen.parent), "--dry-run"]) == 0
+    assert "validation images" in capsys.readouterr().out
+    assert not (model / "prompts.yaml").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"manifest: {small}\nout_dir: out\nstepz: 2\n", encoding="utf-8")
     assert main(["train", "--config", str(bad)]) == 2

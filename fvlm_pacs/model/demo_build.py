@@ -37,6 +37,7 @@ from fvlm_pacs.model.prompt_selection import (
     NegativeChoice,
     choices_table,
     select_negatives,
+    select_on_images,
     training_texts,
     write_choices,
 )
@@ -69,12 +70,14 @@ HELDOUT_SEED = 100_000
 recipe's own block ``[seed, seed + cases)`` — a recipe that would reach it is refused."""
 
 
-NEGATIVE_PROMPTS = ("release", "normal-template", "text-selected")
+NEGATIVE_PROMPTS = ("release", "normal-template", "text-selected", "val-selected")
 """The demo's negative prompts: the release's "Not X." of ``mappings/findings.yaml`` (words the
 demo's text tower never saw); each anatomy's normal template ("Lung shows no significant
 abnormalities.", what every normal anatomy is trained on); or per finding whichever of the two
-orders the train part's report texts better (:mod:`fvlm_pacs.model.prompt_selection`). The
-last two are written to the model's ``prompts.yaml`` (:mod:`fvlm_pacs.model.model_prompts`).
+orders the train part's report texts better, or ranks the validation part's images better
+(:mod:`fvlm_pacs.model.prompt_selection`; the images calibration scores anyway, never the test
+part). All but the first are written to the model's ``prompts.yaml``
+(:mod:`fvlm_pacs.model.model_prompts`).
 Which of the first two works is a coin toss per finding and per training run (a finding's
 reports can fall on either side of the pair); the text side predicts it as far as the images lie
 near their reports (on the 960-phantom runs, not on 168-phantom ones: ``bench/README.md``)."""
@@ -231,9 +234,13 @@ def finish_demo(
         recipe, staging, training_config(recipe, train_manifest, work_dir, device)
     )
     t0 = time.perf_counter()
-    predictor = Predictor(staging, device=device)
     root = manifest.parent
-    val = score_cases(predictor, root, split.val)
+    if recipe.negative_prompts == "val-selected":
+        choices, val = select_on_images(staging, root, split.val, device)
+        predictor = Predictor(staging, device=device)
+    else:
+        predictor = Predictor(staging, device=device)
+        val = score_cases(predictor, root, split.val)
     thresholds = calibrate(val.scores, val.labels)
     write_thresholds(
         staging / THRESHOLDS_FILE, thresholds, predictor.info.sha256, predictor.prompt_pairs()
@@ -291,8 +298,10 @@ def write_demo_prompts(
 ) -> tuple[NegativeChoice, ...]:
     """The model's own negative prompts (``prompts.yaml``) when the recipe asks for them;
     ``training`` is the run that made ``model_dir`` (its texts decide ``text-selected``).
-    Returns the per-finding choices of ``text-selected`` (empty otherwise)."""
-    if recipe.negative_prompts == "release":
+    Returns the per-finding choices of ``text-selected`` (empty otherwise; ``val-selected`` is
+    :func:`~fvlm_pacs.model.prompt_selection.select_on_images`, which needs the validation
+    images)."""
+    if recipe.negative_prompts in ("release", "val-selected"):
         return ()
     meta = read_meta(model_dir)
     table = anatomy_table_for(ModelConfig.from_dict(meta["model"]).anatomies)
@@ -386,7 +395,7 @@ def model_card(
         f"Mean AUC {mean_txt} (findings with both classes in the test part). Prompts: "
         + prompts_wording(recipe.negative_prompts),
         "",
-        *prompt_choices_section(prompt_choices),
+        *prompt_choices_section(prompt_choices, recipe.negative_prompts),
         report.to_markdown(),
         "",
         *heldout_section(recipe, heldout),
@@ -443,23 +452,36 @@ def prompts_wording(negative_prompts: str) -> str:
     )
     if negative_prompts == "normal-template":
         return lead + template + ", in `prompts.yaml`."
+    which = (
+        "the train part's report texts"
+        if negative_prompts == "text-selected"
+        else "the validation part's images"
+    )
     return (
         lead
         + 'per finding the table\'s ("Not Emphysema.") or '
         + template
-        + ", whichever ranks the train part's report texts better (table below), in "
-        "`prompts.yaml`."
+        + f", whichever ranks {which} better (table below), in `prompts.yaml`."
     )
 
 
-def prompt_choices_section(choices: Sequence[NegativeChoice]) -> list[str]:
-    """The per-finding negative prompts and the text-side AUCs they were chosen by."""
+def prompt_choices_section(
+    choices: Sequence[NegativeChoice], negative_prompts: str = "text-selected"
+) -> list[str]:
+    """The per-finding negative prompts and the AUCs they were chosen by."""
     if not choices:
         return []
-    return [
+    how = (
         "Negative prompts, chosen on the train part's anatomy texts and labels only (no image, "
         "no validation or test case): the AUC of cos(text, positive) − cos(text, negative) "
-        "over those texts, per candidate (`fvlm_pacs.model.prompt_selection`).",
+        "over those texts, per candidate (`fvlm_pacs.model.prompt_selection`)."
+        if negative_prompts == "text-selected"
+        else "Negative prompts, chosen on the validation part's images (the cases the "
+        "thresholds are calibrated on; never the test part or the independent phantoms): the "
+        "zero-shot AUC with each candidate (`fvlm_pacs.model.prompt_selection`)."
+    )
+    return [
+        how,
         "",
         choices_table(choices),
         "",
