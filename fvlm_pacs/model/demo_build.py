@@ -97,10 +97,10 @@ class DemoRecipe:
     :func:`~fvlm_pacs.model.config.tiny`.
 
     The defaults are the shipped ``fvlm-demo 2``: 960 phantoms (seeds 1–960), the hierarchical
-    stem, ``text-selected`` negative prompts. The same recipe with seed 0 scored 0.694 mean AUC
-    on the card's 200 independent phantoms; the shipped seed-1 run is the second run of it
-    (bench/README.md). ``fvlm-demo 1`` was 240 phantoms, seed 0, the patch convolution and the
-    release's prompts (0.607 on the same 200).
+    stem, ``val-selected`` negative prompts. The same recipe with seed 0 (``text-selected``)
+    scored 0.694 mean AUC on the card's 200 independent phantoms; the shipped seed-1 run is the
+    second run of it (bench/README.md). ``fvlm-demo 1`` was 240 phantoms, seed 0, the patch
+    convolution and the release's prompts (0.607 on the same 200).
     """
 
     def __post_init__(self) -> None:
@@ -148,7 +148,7 @@ class DemoRecipe:
     hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,)
     hierarchical_stem: bool = True
     objective: str = "fvlm"
-    negative_prompts: str = "text-selected"
+    negative_prompts: str = "val-selected"
     heldout_cases: int = 200
     version: str = "2"
 

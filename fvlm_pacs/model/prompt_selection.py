@@ -1,4 +1,4 @@
-"""Per-finding negative prompts chosen on the training reports: the pair the text tower orders.
+"""Per-finding negative prompts: the candidate that ranks a finding's cases the right way round.
 
 Why: zero-shot scoring asks whether an anatomy embedding lies nearer the positive prompt
 ("Emphysema.") or the negative one, and a model trained from scratch places the negative only
@@ -6,26 +6,26 @@ where its training texts taught it to. The release's "Not Emphysema." is a phras
 tower never read; the anatomy's normal template ("Lung shows no significant abnormalities.") is
 the text of every normal anatomy it was trained on, but an abnormal anatomy's text may lie nearer
 it than the positive prompt does (a lung report about emphysema, scored for pleural effusion).
-Which of the two orders a finding's reports the right way round differs per finding and per
-training run — measured on a stem demo model trained on 672 phantoms: with "Not X." three findings
-came out inverted on 200 held-out phantoms (septal thickening 0.024, pericardial effusion 0.001),
-with the template three others (pleural effusion 0.297); per finding the text side below had the
-image side's polarity every time, and choosing by it scored 0.694 against 0.521 / 0.640.
+Which of the two works differs per finding and per training run — on a stem demo model trained on
+672 phantoms, "Not X." left three findings inverted on 200 held-out phantoms (septal thickening
+0.024, pericardial effusion 0.001), the template three others (pleural effusion 0.297).
 
-Limit: the text side is what an image embedding equal to its own report text would score, so it
-predicts the images only as far as they lie near their reports. On two stem models trained on
-168 phantoms, whose images had learned little (image-side AUCs far below the text side's), it
-chose the template for emphysema and hiatal hernia and the held-out mean fell 0.639 → 0.583 and
-0.615 → 0.579 (``bench/README.md``). Check a choice on images the model never saw.
+Two ways to choose, per finding, between :func:`candidate_negatives` (a tie, or too few cases
+with or without the finding, keeps the table's):
 
-The text side: over the training cases, each case's anatomy text (as the trainer gave it to the
-text tower) is encoded once; for a pair, ``cos(text, positive) − cos(text, negative)`` is that
-case's margin, and the AUC of the margins against the finding's label is what an image embedding
-equal to its own report text would score. Per finding the candidate with the highest AUC wins;
-a tie keeps the table's wording. Uses only training texts and their labels — never an image,
-never a validation or test case — so it is part of training, like choosing the vocabulary.
-Fewer than :data:`MIN_CASES` training cases with (or without) a finding: its table prompts
-stay, since an AUC over a handful of reports decides nothing.
+* **On labelled images** (:func:`select_on_images`, :func:`select_negatives_on_images`): the
+  zero-shot AUC of each candidate on the validation part — the cases calibration scores, never
+  the test part. Measures what serving will do.
+* **On the training reports** (:func:`select_negatives`): each training case's anatomy text, as
+  the trainer gave it to the text tower, is encoded once; ``cos(text, positive) − cos(text,
+  negative)`` is its margin, and the AUC of the margins against the label is what an image
+  embedding equal to its own report would score. Training texts and labels only, no image. A
+  ceiling, not a measurement: it predicts the images only as far as they lie near their
+  reports. On the 672-phantom model it chose right everywhere (0.694 against 0.521 with
+  "Not X." and 0.640 with the template); on two stem models trained on 168 phantoms, whose images
+  had learned little, it chose the template for emphysema and hiatal hernia and the held-out
+  mean fell 0.639 → 0.583 and 0.615 → 0.579; on the shipped run it kept hiatal hernia inverted
+  (``bench/README.md``).
 """
 
 from __future__ import annotations
@@ -186,8 +186,8 @@ def select_negatives_on_images(
     :func:`candidate_negatives` as the finding's negative prompt, NaN where not assessable;
     ``labels[finding]`` their 0/1 labels. Why images: the text side is only a ceiling, and where
     a model's image embeddings lie far from their reports it chooses wrong (module docstring).
-    Measured on 200 independent phantoms: 0.686 where the text side gave 0.655 (the shipped
-    recipe's seed-1 run; per-finding best 0.696).
+    Measured on 200 independent phantoms through the demo build: 0.686 where the text side gave
+    0.655 (the shipped recipe's seed-1 run; per-finding best 0.696).
     """
     out = []
     for d in findings:
