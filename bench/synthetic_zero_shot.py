@@ -253,7 +253,8 @@ def bootstrap_diff(
     names: list[str],
     seed: int,
 ) -> tuple[float, float]:
-    """Paired bootstrap over test cases: 95 % interval of mean AUC(a) − mean AUC(b)."""
+    """Paired bootstrap over test cases: 95 % interval of mean AUC(a) − mean AUC(b); NaN when
+    no resample has both classes of any finding."""
     rng = np.random.default_rng(seed)
     n = len(next(iter(labels.values())))
     diffs = []
@@ -268,6 +269,8 @@ def bootstrap_diff(
                 db.append(y)
         if da:
             diffs.append(float(np.mean(da) - np.mean(db)))
+    if not diffs:  # no resample had both classes of any finding (a handful of cases)
+        return math.nan, math.nan
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return float(lo), float(hi)
 
