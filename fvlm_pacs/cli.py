@@ -336,9 +336,14 @@ def _select_prompts(args: argparse.Namespace) -> int:
     import tempfile
 
     from fvlm_pacs.model.checkpoint import resolve_model_path
-    from fvlm_pacs.model.model_prompts import default_prompts_path
-    from fvlm_pacs.model.predictor import THRESHOLDS_FILE
-    from fvlm_pacs.model.prompt_selection import choices_table, select_on_images, write_choices
+    from fvlm_pacs.model.model_prompts import apply_model_prompts, default_prompts_path
+    from fvlm_pacs.model.predictor import THRESHOLDS_FILE, default_thresholds_path, load_thresholds
+    from fvlm_pacs.model.prompt_selection import (
+        choices_table,
+        model_findings,
+        select_on_images,
+        write_choices,
+    )
 
     try:
         model_path = resolve_model_path(args.model)
@@ -361,21 +366,15 @@ def _select_prompts(args: argparse.Namespace) -> int:
     print(choices_table(choices))
     if args.dry_run:
         return 0
-    written = write_choices(default_prompts_path(model_path), choices)
+    prompts = default_prompts_path(model_path)
+    written = write_choices(prompts, choices)
     print(f"\n{written or 'no prompts file (every finding keeps the table prompts)'}")
-    thresholds = model_path / THRESHOLDS_FILE if model_path.is_dir() else None
-    if thresholds is not None and thresholds.is_file():
-        made_with = json.loads(thresholds.read_text(encoding="utf-8")).get("prompts") or {}
-        stale = [
-            c.finding
-            for c in choices
-            if c.finding in made_with and list(made_with[c.finding]) != [c.positive, c.chosen]
-        ]
-        if stale:
-            print(
-                f"{thresholds} was calibrated with other prompts for {', '.join(stale)}: the "
-                "model will not load until you re-run `fvlm-pacs calibrate`"
-            )
+    thresholds = default_thresholds_path(model_path)
+    if thresholds.is_file():
+        try:  # the predictor's own check: thresholds record the prompt pairs they cut
+            load_thresholds(thresholds, apply_model_prompts(prompts, model_findings(model_path)))
+        except FvlmPacsError as exc:
+            print(f"{exc} (the model will not load until then)")
     return 0
 
 
@@ -383,10 +382,7 @@ def _choices_on_training_texts(
     model_path: Path, config: Path
 ) -> tuple[str, tuple[NegativeChoice, ...]]:
     """``select-prompts --config``: the training reports, refused unless they are the model's."""
-    from fvlm_pacs.codes import load_findings
-    from fvlm_pacs.model import FvlmModel
-    from fvlm_pacs.model.predictor import anatomy_table_for
-    from fvlm_pacs.model.prompt_selection import select_negatives, training_texts
+    from fvlm_pacs.model.prompt_selection import select_on_training_reports
     from fvlm_pacs.model.provenance import TRAINING_CASES_FILE, training_overlap
     from fvlm_pacs.model.train import TrainConfig
 
@@ -402,10 +398,7 @@ def _choices_on_training_texts(
             f"train {model_path}: prompts are chosen on its training reports only, so that "
             "validation and test cases stay unseen"
         )
-    model = FvlmModel.from_checkpoint(model_path, device="cpu").eval()
-    dataset.anatomies = model.anatomies
-    findings = load_findings(anatomy_table_for(model.anatomies))
-    choices = select_negatives(model.encode_text, training_texts(dataset), findings)
+    choices = select_on_training_reports(model_path, cfg)
     return f"{len(ids)} training reports of {cfg.manifest} (text side)", choices
 
 

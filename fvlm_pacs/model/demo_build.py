@@ -24,21 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fvlm_pacs.codes import load_findings
 from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.evaluation import EvalReport, calibrate, evaluate, write_thresholds
-from fvlm_pacs.model.checkpoint import demo_model_dir, read_meta
+from fvlm_pacs.model.checkpoint import demo_model_dir
 from fvlm_pacs.model.config import RELEASED_HU_WINDOW, ModelConfig, tiny
 from fvlm_pacs.model.dataset import read_synthetic
-from fvlm_pacs.model.fvlm import FvlmModel
 from fvlm_pacs.model.model_prompts import PROMPTS_FILE, write_model_prompts
-from fvlm_pacs.model.predictor import THRESHOLDS_FILE, Predictor, anatomy_table_for
+from fvlm_pacs.model.predictor import THRESHOLDS_FILE, Predictor
 from fvlm_pacs.model.prompt_selection import (
     NegativeChoice,
     choices_table,
-    select_negatives,
+    model_findings,
     select_on_images,
-    training_texts,
+    select_on_training_reports,
     write_choices,
 )
 from fvlm_pacs.model.prompts import BANK_FILE
@@ -303,17 +301,11 @@ def write_demo_prompts(
     images)."""
     if recipe.negative_prompts in ("release", "val-selected"):
         return ()
-    meta = read_meta(model_dir)
-    table = anatomy_table_for(ModelConfig.from_dict(meta["model"]).anatomies)
-    findings = load_findings(table)
     if recipe.negative_prompts == "normal-template":
-        prompts = {f.name: {"negative": normal_text(f.anatomy)} for f in findings}
+        prompts = {f.name: {"negative": normal_text(f.anatomy)} for f in model_findings(model_dir)}
         write_model_prompts(model_dir / PROMPTS_FILE, prompts)
         return ()
-    model = FvlmModel.from_checkpoint(model_dir, device="cpu").eval()
-    dataset = training.dataset(train=False)
-    dataset.anatomies = model.anatomies
-    choices = select_negatives(model.encode_text, training_texts(dataset), findings)
+    choices = select_on_training_reports(model_dir, training)
     write_choices(model_dir / PROMPTS_FILE, choices)
     return choices
 

@@ -46,8 +46,10 @@ from ..reports import normal_text
 from .checkpoint import read_meta
 from .config import ModelConfig
 from .dataset import ManifestDataset
+from .fvlm import FvlmModel
 from .model_prompts import PROMPTS_FILE, write_model_prompts
 from .predictor import Predictor, anatomy_table_for
+from .train import TrainConfig
 from .zeroshot_eval import LabelledScores, score_cases
 
 log = logging.getLogger(__name__)
@@ -273,9 +275,7 @@ def select_on_images(
     ``prompts.yaml``, and return the choices with the scores of the chosen prompts — what
     calibration on the same cases needs (a finding's score depends on its own pair only, so
     no third pass)."""
-    table = load_findings(
-        anatomy_table_for(ModelConfig.from_dict(read_meta(model_dir)["model"]).anatomies)
-    )
+    table = model_findings(model_dir)
     # the candidates in candidate_negatives' order: the table's, then the normal template
     template = tuple(dataclasses.replace(d, negative=candidate_negatives(d)[-1]) for d in table)
     (model_dir / PROMPTS_FILE).unlink(missing_ok=True)  # score the candidates, not an old choice
@@ -290,3 +290,21 @@ def select_on_images(
         for c, d in zip(choices, table, strict=True)
     }
     return choices, LabelledScores(cases, picked, scored[0].labels)
+
+
+def select_on_training_reports(
+    model_dir: Path, training: TrainConfig
+) -> tuple[NegativeChoice, ...]:
+    """:func:`select_negatives` on the reports of ``training``, the run that made ``model_dir``,
+    read as the trainer read them (its manifest, layout and ``normal_wording``)."""
+    model = FvlmModel.from_checkpoint(model_dir, device="cpu").eval()
+    dataset = training.dataset(train=False)
+    dataset.anatomies = model.anatomies
+    return select_negatives(model.encode_text, training_texts(dataset), model_findings(model_dir))
+
+
+def model_findings(model_dir: Path) -> tuple[FindingDefinition, ...]:
+    """The findings table for the anatomies of the model in ``model_dir``, with the table's
+    prompts (the candidates start from them, whatever ``prompts.yaml`` says now)."""
+    anatomies = ModelConfig.from_dict(read_meta(model_dir)["model"]).anatomies
+    return tuple(load_findings(anatomy_table_for(anatomies)))
