@@ -162,6 +162,14 @@ def test_scores_equal_a_hand_computation(result, model_dir, case) -> None:
         assert got[f.name].score == pytest.approx(expected, abs=1e-5), f.name
         scores.append(expected)
     assert len(set(np.round(scores, 6))) > 3  # prompts differ, so scores do too
+    # the embeddings a probe reads: per assessed anatomy, the mean over the crops that assess it
+    assert set(result.embeddings) == {"lung", "heart"}
+    for name, got_emb in result.embeddings.items():
+        k = ANATOMIES.index(name)
+        expected_emb = (embs[0][k] + embs[1][k]).numpy() / 2
+        assert got_emb.dtype == np.float32 and got_emb.shape == expected_emb.shape
+        np.testing.assert_allclose(got_emb, expected_emb, atol=1e-5)
+    assert "embeddings" not in result.as_dict()
 
 
 def test_thresholds_decide_the_status(model_dir, case, tmp_path, result) -> None:

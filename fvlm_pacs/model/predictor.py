@@ -84,13 +84,17 @@ class Prediction:
     ``timings`` seconds per stage: ``preprocess`` (grid + crops), ``encode`` (image encoder,
     all crops), ``score`` (prompt scoring + statuses), ``total``; ``not_assessable`` maps each
     anatomy that could not be scored to the reason (for the job record; no PHI); ``crops`` is the
-    number of ViT inputs.
+    number of ViT inputs. ``embeddings`` maps each assessed anatomy to the mean of its unit
+    embeddings over the crops that assess it (float32 [embed_dim]): what the prompts were scored
+    against, kept so that a site can fit a probe or audit a finding on the image side without a
+    second encoder pass (not in :meth:`as_dict`; the job record has no use for it).
     """
 
     findings: tuple[Finding, ...]
     timings: dict[str, float]
     not_assessable: dict[str, str] = field(default_factory=dict)
     crops: int = 0
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -439,7 +443,11 @@ class Predictor:
             timings["score"],
         )
         return Prediction(
-            findings=tuple(findings), timings=timings, not_assessable=reasons, crops=len(crops)
+            findings=tuple(findings),
+            timings=timings,
+            not_assessable=reasons,
+            crops=len(crops),
+            embeddings=self._mean_embeddings(embeddings),
         )
 
     def _encode(self, chunk: list[AnatomyCrop]) -> torch.Tensor:
@@ -451,6 +459,23 @@ class Predictor:
                 image.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             )
         return out.float().cpu()
+
+    def _mean_embeddings(
+        self, embeddings: list[tuple[AnatomyCrop, torch.Tensor]]
+    ) -> dict[str, np.ndarray]:
+        """Per anatomy, the mean embedding over the crops that assess it (finite rows only)."""
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, int] = {}
+        for crop, emb in embeddings:
+            for label in crop.assessable:
+                row = emb[label - 1]
+                if bool(torch.isfinite(row).all()):
+                    sums[label] = sums.get(label, torch.zeros_like(row)) + row
+                    counts[label] = counts.get(label, 0) + 1
+        return {
+            self.anatomies[label - 1]: (sums[label] / counts[label]).numpy().astype(np.float32)
+            for label in sorted(sums)
+        }
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast when :attr:`precision` is bf16, else plain float32."""
