@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     held_cases = tuple(c.case_id for c in read_synthetic(heldout_manifest))
     overlap = training_overlap(args.model, heldout_manifest, held_cases)
     if overlap:
-        print(f"refused: {len(overlap)} --heldout cases were used to train {args.model}")
+        print(f"{args.model} was trained on {len(overlap)} --heldout cases (e.g. {overlap[0]})")
         return 2
     split = dataset_split(args.train / "manifest.csv", args.split_seed)
     train_cases = tuple(split.train[: args.train_cases])
