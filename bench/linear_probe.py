@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import sys
 import time
@@ -45,11 +44,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from model_compare import cache_stem  # noqa: E402  (bench/)
 from synthetic_zero_shot import bootstrap_diff, fmt  # noqa: E402  (bench/)
 
 from fvlm_pacs.evaluation import roc_auc  # noqa: E402
 from fvlm_pacs.model import Predictor  # noqa: E402
-from fvlm_pacs.model.checkpoint import sha256_file  # noqa: E402
 from fvlm_pacs.model.dataset import read_synthetic  # noqa: E402
 from fvlm_pacs.model.provenance import training_overlap  # noqa: E402
 from fvlm_pacs.model.zeroshot_eval import dataset_split, load_case  # noqa: E402
@@ -87,13 +86,8 @@ def features(
     predictor: Predictor, root: Path, cases: tuple[str, ...], cache: Path | None, tag: str
 ) -> CaseFeatures:
     """Run the predictor on every case once; keep scores, embeddings, intensity and labels."""
-    manifest = root / "manifest.csv"
-    prompts = hashlib.sha256(json.dumps(predictor.prompt_pairs(), sort_keys=True).encode())
     ids = hashlib.sha256("\n".join(cases).encode()).hexdigest()[:8]
-    key = (
-        f"probe-{tag}-{predictor.info.sha256[:16]}-{prompts.hexdigest()[:8]}-"
-        f"{sha256_file(manifest)[:16]}-{ids}.npz"
-    )
+    key = f"probe-{tag}-{cache_stem(predictor, root / 'manifest.csv')}-{ids}.npz"
     if cache is not None and (cache / key).is_file():
         with np.load(cache / key) as z:
             parts: dict[str, dict[str, np.ndarray]] = {"s": {}, "l": {}, "e": {}, "i": {}}

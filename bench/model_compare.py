@@ -44,15 +44,20 @@ from fvlm_pacs.model.provenance import training_overlap  # noqa: E402
 from fvlm_pacs.model.zeroshot_eval import score_cases  # noqa: E402
 
 
+def cache_stem(predictor: Predictor, manifest: Path) -> str:
+    """What a model's scores on a manifest depend on: its weights, its prompt pairs (a model's
+    ``prompts.yaml`` changes the scores without changing the weights) and the manifest."""
+    prompts = hashlib.sha256(json.dumps(predictor.prompt_pairs(), sort_keys=True).encode())
+    return f"{predictor.info.sha256[:16]}-{prompts.hexdigest()[:8]}-{sha256_file(manifest)[:16]}"
+
+
 def scored(
     folder: Path, manifest: Path, cases: tuple[str, ...], store: Path | None
 ) -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(name, scores, labels) of one model on ``cases``, from ``store`` when scored before."""
     predictor = Predictor(folder, device="cpu")
     name = f"{predictor.info.name} {predictor.info.version} ({folder})"
-    # the prompts change the scores without changing the weights (a model's prompts.yaml)
-    prompts = hashlib.sha256(json.dumps(predictor.prompt_pairs(), sort_keys=True).encode())
-    key = f"{predictor.info.sha256[:16]}-{prompts.hexdigest()[:8]}-{sha256_file(manifest)[:16]}.npz"
+    key = f"{cache_stem(predictor, manifest)}.npz"
     if store is not None and (store / key).is_file():
         with np.load(store / key) as z:
             return (
