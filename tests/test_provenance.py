@@ -8,6 +8,7 @@ shifted by one case. Phantoms are therefore matched by seed, other cases by id.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from fvlm_pacs.cli import main
@@ -42,6 +43,8 @@ def test_a_shifted_seed_block_overlaps_under_other_case_ids(tmp_path: Path) -> N
     model.mkdir()
     trained_on = phantom_manifest(tmp_path / "train", 0, 5)  # seeds 0-4
     write_training_cases(model, trained_on, [f"case_{i:05d}" for i in range(5)])
+    record = json.loads((model / "training_cases.json").read_text(encoding="utf-8"))
+    assert record["manifest"] == trained_on.name  # no build-machine path in a shipped folder
     shifted = phantom_manifest(tmp_path / "seed1", 1, 5)  # seeds 1-5
     ids = [f"case_{i:05d}" for i in range(5)]
     assert training_overlap(model, shifted, ids) == ids[:4]

@@ -9,7 +9,8 @@ case, under other case ids. A case is therefore keyed by what makes it: a phanto
 ``VolumeName``).
 
 File: ``training_cases.json`` in the model folder, written by the trainer:
-``{"manifest": <path>, "cases": {<case id>: <key>}}``.
+``{"manifest": <file name>, "cases": {<case id>: <key>}}`` — the manifest's name, not its path:
+a model folder is shipped and copied, and the build machine's folders mean nothing elsewhere.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def case_keys(manifest: Path, case_ids: Iterable[str]) -> dict[str, str]:
 def write_training_cases(model_dir: Path, manifest: Path, case_ids: Iterable[str]) -> Path:
     """Record the cases a model was trained on (see the module docstring)."""
     path = model_dir / TRAINING_CASES_FILE
-    doc = {"manifest": str(manifest), "cases": case_keys(manifest, case_ids)}
+    doc = {"manifest": manifest.name, "cases": case_keys(manifest, case_ids)}
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
