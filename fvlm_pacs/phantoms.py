@@ -662,7 +662,6 @@ class _Builder:
             & ~st
         )
         hu[sp_] = 47.0
-        hu[aorta] = hu[aorta]  # descending aorta already painted through the abdomen
         aorta_abd = aorta & (g.z <= dome[None])
         hu[aorta_abd] = 40.0
 
