@@ -929,7 +929,13 @@ class _Builder:
         disc = (np.mod(g.zc + phase, pitch) < 5 * s)[:, None, None]
         cortex = (g.x2**2 + (g.y2 - y_sp) ** 2) >= (r_sp - 2 * s) ** 2
         vb = np.where(disc, 85.0, np.where(cortex[None], 650.0, 230.0))
-        sp3 = np.broadcast_to(spine[None], g.shape) & ~self.lung & ~self.aorta & ~self.eso
+        sp3 = (
+            np.broadcast_to(spine[None], g.shape)
+            & ~self.lung
+            & ~self.aorta
+            & ~self.eso
+            & ~self.heart
+        )
         hu[sp3] = np.broadcast_to(vb, g.shape)[sp3]
         y_can = y_sp + r_sp + 8 * s
         rc = np.hypot(g.x2, g.y2 - y_can)
@@ -953,7 +959,7 @@ class _Builder:
         hu[rib & cart] = 140.0
         sternum = (np.abs(g.x2) < 14 * s) & (g.y2 < -cy * 0.9) & (g.y2 > -(by - fat)) & inner2
         zs = (g.z > dome[None] + 10 * s) & (g.z < z_apex - 20 * s)
-        hu[sternum[None] & zs] = 400.0
+        hu[sternum[None] & zs & ~self.heart] = 400.0
 
     # -- calcifications -----------------------------------------------------------------------
 

@@ -110,6 +110,17 @@ def test_aortic_plaques_stay_dense_on_the_benchmark_grid() -> None:
         assert changed.any() and np.all(on.labels[changed] == 4)
 
 
+def test_no_bone_inside_an_anatomy_label() -> None:
+    """Spine and sternum were painted over the heart where its ellipsoid reached them (half the
+    phantoms held 300-440 HU voxels labelled heart): a segmenter would never call bone heart,
+    and it was the very density a coronary plaque has. Without calcifications, no labelled
+    voxel is calcium-dense."""
+    spec = PhantomSpec(shape=(48, 96, 128), spacing=(6.0, 2.5, 2.5))
+    for seed in (4, 7, 9):
+        case = make_case(seed, spec, force={f: False for f in FINDINGS})
+        assert (case.hu[case.labels > 0] > 300).sum() == 0
+
+
 def test_ellipsoid_coverage_is_the_partial_volume() -> None:
     """Coverage sums to the ellipsoid's volume in voxels, wherever its centre falls."""
     g = _Grid(PhantomSpec(shape=(16, 16, 16), spacing=(6.0, 2.5, 2.5)))
