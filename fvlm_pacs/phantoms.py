@@ -38,6 +38,9 @@ Modelling decisions:
   thick, plaques ≥ 2 mm; HU contrasts are realistic (ground glass ≈ −550, consolidation ≈ 30,
   fluid 5–20, calcium 350–1000), not exaggerated. Gaussian noise (10–20 HU, slightly correlated
   in-plane) is added after a small in-plane blur that mimics partial volume.
+* Bones are drawn after the organs but never inside the heart, aorta or esophagus labels: a
+  segmenter does not call bone heart, and bone inside the heart label has the density of a
+  coronary plaque.
 * Calcified plaques are drawn after that blur, each voxel moved toward the plaque's HU by the
   fraction of its volume the plaque covers: a voxel-centre test would make a 4 mm plaque on the
   benchmark's 6 × 2.5 × 2.5 mm grid one full voxel or none, and the blur would then leave it near
