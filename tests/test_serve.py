@@ -133,7 +133,14 @@ def test_two_postgres_workers_never_run_the_same_job(tmp_path: Path, postgres_ur
     config = tmp_path / "worker.yaml"
     config.write_text(
         yaml.safe_dump(
-            {"data_dir": str(tmp_path / "data"), "database_url": postgres_url, "workers": 2}
+            {
+                "data_dir": str(tmp_path / "data"),
+                "database_url": postgres_url,
+                "workers": 2,
+                # idle threads poll every 0.1 s, not 1 s: with fast jobs one process could drain
+                # all 16 before the other's next poll, and the test would prove nothing
+                "sweep_interval_seconds": 0.1,
+            }
         )
     )
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
