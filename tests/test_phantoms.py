@@ -25,6 +25,8 @@ from fvlm_pacs.phantoms import (
 )
 
 NEGATION = re.compile(r"\b(no|not|without|absent)\b")
+BENCH_GRID = PhantomSpec(shape=(48, 96, 128), spacing=(6.0, 2.5, 2.5))
+"""The grid of the benchmark and the demo build: thick slices, where partial volume matters."""
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +102,11 @@ def test_aortic_plaques_stay_dense_on_the_benchmark_grid() -> None:
     """On 6 mm slices of 2.5 mm pixels a 4 mm plaque covers about one voxel; drawn before the
     in-plane blur it came out near 200 HU, among the aorta's own noise and bone spill, and no
     model could learn it (bench/README.md). Its partial volume must leave it calcium-dense."""
-    spec = PhantomSpec(shape=(48, 96, 128), spacing=(6.0, 2.5, 2.5))
     for seed in (3, 4):
-        on = make_case(seed, spec, force={f: f == "arterial_wall_calcification" for f in FINDINGS})
-        off = make_case(seed, spec, force={f: False for f in FINDINGS})
+        on = make_case(
+            seed, BENCH_GRID, force={f: f == "arterial_wall_calcification" for f in FINDINGS}
+        )
+        off = make_case(seed, BENCH_GRID, force={f: False for f in FINDINGS})
         assert (off.hu[off.labels == 4] > 300).sum() == 0
         assert (on.hu[on.labels == 4] > 300).sum() >= 3
         changed = on.hu != off.hu
@@ -115,9 +118,8 @@ def test_no_bone_inside_an_anatomy_label() -> None:
     phantoms held 300-440 HU voxels labelled heart): a segmenter would never call bone heart,
     and it was the very density a coronary plaque has. Without calcifications, no labelled
     voxel is calcium-dense."""
-    spec = PhantomSpec(shape=(48, 96, 128), spacing=(6.0, 2.5, 2.5))
     for seed in (4, 7, 9):
-        case = make_case(seed, spec, force={f: False for f in FINDINGS})
+        case = make_case(seed, BENCH_GRID, force={f: False for f in FINDINGS})
         assert (case.hu[case.labels > 0] > 300).sum() == 0
 
 
