@@ -64,10 +64,14 @@ def window_channels(
     return scaled.clamp_(0.0, 1.0)
 
 
+CALCIUM_WINDOW = (130.0, 1130.0)
+"""Calcium from the Agatston threshold, 130 HU, up: plaques 450–1000 HU land in its middle where
+the release's window clips them to the density of soft tissue at 350 HU."""
+
 FOUR_WINDOWS: tuple[tuple[float, float], ...] = (
     RELEASED_HU_WINDOW,  # lung and mediastinum at once
     (-1000.0, -900.0),  # low attenuation around -950 HU, the emphysema index threshold
     (-160.0, 240.0),  # soft tissue (W 400, L 40): fluid, fat, muscle, myocardium
-    (130.0, 1130.0),  # calcium from the Agatston threshold, 130 HU, up
+    CALCIUM_WINDOW,
 )
 """Standard radiology windows as four input channels (``vision.hu_windows``, ``in_channels: 4``)."""
