@@ -18,6 +18,7 @@ import torch
 from fvlm_pacs.cli import main
 from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.model import FvlmModel, Predictor
+from fvlm_pacs.model import dataset as dataset_module
 from fvlm_pacs.model.dataset import ManifestDataset, collate, orient_fpl, read_nifti
 from fvlm_pacs.model.intensity import INPUT_HU_CEILING, scale_hu
 from fvlm_pacs.model.provenance import TRAINING_CASES_FILE
@@ -230,6 +231,36 @@ def test_fake_ct_rate_layout_loads(tmp_path: Path) -> None:
     assert not a["normal"][0] and a["normal"][1]  # decomposed: emphysema in the impression
     assert b["texts"][1] == "The heart is enlarged." and not b["normal"][1]  # from the JSON
     assert b["normal"][0] and b["texts"][0] == normal_text("lung")
+
+
+def test_prepared_volumes_in_memory_stay_within_their_bound(
+    small: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-memory copies are bounded (least recently used out); an evicted case comes back
+    from the disk cache, or is prepared again without one, and every item is unchanged.
+    Without a bound and a disk cache, memory is the cache, and a warning says when it is big."""
+    free = ManifestDataset(small, crop=CROP, seed=3)
+    one = free.prepared(0).hu.nbytes + free.prepared(0).labels.nbytes
+    for cache in (tmp_path / "cache", None):
+        bound = ManifestDataset(small, crop=CROP, seed=3, cache_dir=cache, memory_bytes=2 * one)
+        for _ in range(2):
+            for i in range(len(bound)):
+                a, b = bound[(i, 5)], free[(i, 5)]
+                torch.testing.assert_close(a["image"], b["image"])
+                assert torch.equal(a["labels"], b["labels"])
+                memo = bound._memo
+                assert memo.prepared_bytes <= 2 * one and len(memo.prepared) < len(bound)
+    assert ManifestDataset(small, crop=CROP, cache_dir=tmp_path / "c").memory_bytes == 2 << 30
+    monkeypatch.setattr(dataset_module, "MEMORY_BYTES", 2 * one)
+    caplog.clear()
+    fresh = ManifestDataset(small, crop=CROP, seed=3)
+    for i in range(len(fresh)):
+        fresh.prepared(i)
+    assert len(fresh._memo.prepared) == len(fresh)  # not bounded: memory is the only cache
+    warned = [r for r in caplog.records if "give the dataset a cache_dir" in r.getMessage()]
+    assert len(warned) == 1
+    with pytest.raises(ValueError, match="memory_bytes"):
+        ManifestDataset(small, crop=CROP, memory_bytes=-1)
 
 
 # -- training ----------------------------------------------------------------------------
