@@ -431,6 +431,7 @@ class ManifestDataset(Dataset[dict[str, Any]]):
     all normals the normal-sample correction changes neither the loss nor its gradient (all
     normal texts share one embedding), so ``report`` is what lets an ablation measure it.
     Anatomy-wise descriptions given by the dataset (CT-RATE layout) are used as they are.
+    ``memory_bytes`` bounds the prepared volumes kept in memory (see the module docstring).
     """
 
     def __init__(
