@@ -9,7 +9,9 @@ This probe trains each variant's image encoder and anatomy pooling from scratch 
 logistic output per finding (read from the finding's anatomy embedding, as zero-shot scoring
 reads it), with binary cross-entropy on the phantoms' labels — the easiest signal there is. A
 finding that stays near chance here will not appear zero-shot either; one that is learned here
-may (the ten-minute gate before a 45-minute demo build).
+may (the ten-minute gate before a 45-minute demo build). A run whose control finding,
+cardiomegaly, stays below 0.8 learned too little to say anything, and the output says so: at
+500 steps that happened (bench/README.md).
 
 Every variant is the shipped demo recipe's network (:class:`~fvlm_pacs.model.demo_build.DemoRecipe`)
 with its own ``vision`` settings; all see the same batches in the same order (train part of the
@@ -51,6 +53,7 @@ from fvlm_pacs.phantoms import FINDING_ANATOMY, FINDINGS  # noqa: E402
 
 CONTROL = "cardiomegaly"
 """A finding every variant learns (the heart's size): a variant that misses it is broken."""
+CONTROL_MIN_AUC = 0.8
 DEFAULT_FINDINGS = ("arterial_wall_calcification", "coronary_artery_wall_calcification", CONTROL)
 VARIANTS: dict[str, dict[str, Any]] = {
     "demo": {},
@@ -222,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{f} {d:+.3f}" for f, d in zip(args.findings, diffs))
             + f"; mean {np.nanmean(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}]"
         )
+    if CONTROL in args.findings:
+        for v in variants:
+            auc = roc_auc(results[v].scores[CONTROL], labels[CONTROL])
+            if auc is None or auc < CONTROL_MIN_AUC:
+                print(
+                    f"{v}: the control ({CONTROL}) scored {fmt(auc)} < {CONTROL_MIN_AUC}: "
+                    "this run learned too little to say anything about the other findings"
+                )
     for v in variants:
         r = results[v]
         print(

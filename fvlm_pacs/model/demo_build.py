@@ -103,7 +103,10 @@ class DemoRecipe:
     ``fvlm-demo 2`` was built on the phantoms as they were before plaques got their partial
     volume and bones left the heart label (:mod:`fvlm_pacs.phantoms`); this recipe on today's
     phantoms scored 0.660 on the same 200 (2 scores 0.686 on them too), within the recipe's
-    run-to-run spread but lower, so 2 stays shipped (bench/README.md).
+    run-to-run spread but lower, so 2 stays shipped (bench/README.md). On phantoms as fine as the
+    model's grid (``shape=(96, 160, 224), spacing=(3.0, 1.5, 1.5)``), where the plaques are a
+    hundred dense voxels instead of a handful, it scored 0.687 against 2's 0.685 on that grid's
+    200 held-out phantoms, the calcifications still at chance: not shipped either.
     """
 
     def __post_init__(self) -> None:
