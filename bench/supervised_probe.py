@@ -65,8 +65,9 @@ LR = 1e-3
 
 
 def variant_config(name: str) -> ModelConfig:
-    """The demo recipe's network with variant ``name``'s vision settings (no text tower is
-    built, so the vocabulary size is a placeholder)."""
+    """The demo recipe's network with variant ``name``'s vision settings. The probe builds no
+    text tower (``with_text=False``); a model config still names a vocabulary size, and 1 is
+    the smallest valid one (as ``DemoRecipe`` checks its own config)."""
     data = DemoRecipe().model_config()
     data["text"]["vocab_size"] = 1
     data["vision"].update(VARIANTS[name])
@@ -100,6 +101,8 @@ def probe(
     columns = [FINDINGS.index(f) for f in findings]
     params = [*model.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.05)
+    # warm-up, then cosine from step 0 to 0 at ``steps``: the schedule the figures in
+    # bench/README.md were measured with (the trainer's lr_factor starts its cosine after warm-up)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: (
@@ -108,9 +111,9 @@ def probe(
     )
 
     def logits(item: dict[str, Any]) -> torch.Tensor:
+        """[B, F]: finding j's logistic head on finding j's anatomy embedding."""
         emb = model.encode_anatomies(item["image"], item["labels"].long()).nan_to_num(0.0)
-        out = heads(emb[:, anatomy])  # [B, F, F]: finding j's head on finding j's anatomy
-        return out.diagonal(dim1=1, dim2=2)
+        return (emb[:, anatomy] * heads.weight).sum(-1) + heads.bias
 
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()

@@ -240,7 +240,7 @@ def test_prepared_volumes_in_memory_stay_within_their_bound(
     from the disk cache, or is prepared again without one, and every item is unchanged.
     Without a bound and a disk cache, memory is the cache, and a warning says when it is big."""
     free = ManifestDataset(small, crop=CROP, seed=3)
-    one = free.prepared(0).hu.nbytes + free.prepared(0).labels.nbytes
+    one = free.prepared(0).nbytes
     for cache in (tmp_path / "cache", None):
         bound = ManifestDataset(small, crop=CROP, seed=3, cache_dir=cache, memory_bytes=2 * one)
         for _ in range(2):

@@ -358,6 +358,11 @@ class Prepared:
     labels: np.ndarray
     voxels: np.ndarray  # int64 [K + 1], voxels per label on this grid
 
+    @property
+    def nbytes(self) -> int:
+        """Memory of the volumes (what the dataset's in-memory bound counts)."""
+        return self.hu.nbytes + self.labels.nbytes
+
 
 def _resample(
     hu: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float]
@@ -605,7 +610,7 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         """Keep ``prep`` in memory, dropping the least recently used cases beyond the bound."""
         memo = self._memo
         memo.prepared[index] = prep
-        memo.prepared_bytes += prep.hu.nbytes + prep.labels.nbytes
+        memo.prepared_bytes += prep.nbytes
         bound = self.memory_bytes
         if bound is None:
             if memo.prepared_bytes > MEMORY_BYTES and not self._warned_memory:
@@ -619,7 +624,7 @@ class ManifestDataset(Dataset[dict[str, Any]]):
             return
         while memo.prepared_bytes > bound and memo.prepared:
             _, old = memo.prepared.popitem(last=False)
-            memo.prepared_bytes -= old.hu.nbytes + old.labels.nbytes
+            memo.prepared_bytes -= old.nbytes
 
     def _prepare(self, index: int) -> Prepared:
         hu, labels, affine = self._load_raw(index)
