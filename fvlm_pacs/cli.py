@@ -207,6 +207,12 @@ def parser() -> argparse.ArgumentParser:
         "(small patchify stages with LayerNorm + GELU, trained at the full learning rate)",
     )
     demo.add_argument(
+        "--histograms",
+        choices=["on", "off"],
+        help="add each anatomy's HU histogram to its embedding (model.histogram_edges = "
+        "histogram.HISTOGRAM_EDGES) or not (the release's token pooling alone)",
+    )
+    demo.add_argument(
         "--heldout-cases",
         type=int,
         help="independent phantoms (seeds from 100000) the card also reports (0: none)",
@@ -314,6 +320,8 @@ def _build_demo(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in keys}
     if args.stem is not None:
         given["hierarchical_stem"] = args.stem == "hierarchical"
+    if args.histograms is not None:
+        given["histograms"] = args.histograms == "on"
     try:
         recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
         out = build_demo(recipe, args.work, args.out)

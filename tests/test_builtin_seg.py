@@ -126,8 +126,9 @@ def test_training_is_deterministic_per_seed(runs: Trained, tmp_path: Path) -> No
 
 
 def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> None:
-    """A tiny recipe end to end: the network lands in <out>/segmentation, loads through the
-    factory, and the card reports its held-out Dice."""
+    """A tiny recipe end to end (with anatomy histograms, so they are trained, calibrated and
+    served): the network lands in <out>/segmentation, loads through the factory, and the card
+    reports its held-out Dice."""
     recipe = DemoRecipe(
         cases=6,
         steps=1,
@@ -135,6 +136,7 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
         seg_steps=2,
         negative_prompts="normal-template",
         hierarchical_stem=True,
+        histograms=True,
         heldout_cases=2,
     )
     out = build_demo(recipe, tmp_path / "work", tmp_path / "demo")
@@ -144,6 +146,7 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Segmentation network" in card and "--seg-steps 2" in card
     assert "--stem hierarchical" in card and "hierarchical stem" in card
+    assert "--histograms on" in card and "HU histogram" in card  # trained, scored, served
     # the model's own negative prompts ship with it and the thresholds name them
     assert (out / "prompts.yaml").is_file() and "--negative-prompts normal-template" in card
     recorded = json.loads((out / "thresholds.json").read_text())["prompts"]

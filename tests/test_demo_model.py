@@ -6,6 +6,7 @@ for other weights or a card that lost its caveat must fail here, not in front of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -89,9 +90,11 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert main(["model", "build-demo", "--work", str(tmp_path / "w")]) == 0
     assert main(["model", "build-demo", "--steps", "7", "--work", str(tmp_path / "w")]) == 0
     assert main(["model", "build-demo", "--stem", "patch", "--work", str(tmp_path)]) == 0
+    assert main(["model", "build-demo", "--histograms", "on", "--work", str(tmp_path)]) == 0
     assert seen[0] == demo_build.DemoRecipe()
     assert seen[1] == demo_build.DemoRecipe(steps=7)
     assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=False)
+    assert seen[3] == demo_build.DemoRecipe(histograms=True)
     # the shipped model is what the default recipe builds: its card's rebuild line, version
     # and network are the defaults'
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -103,10 +106,12 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert f"--seed {recipe.seed} " in rebuild
     assert f"--negative-prompts {recipe.negative_prompts} " in rebuild
     assert ("--stem hierarchical" in rebuild) == recipe.hierarchical_stem
+    assert ("--histograms on" in rebuild) == recipe.histograms
     meta = read_meta(DEMO)
     assert meta["version"] == recipe.version
     shipped = ModelConfig.from_dict(meta["model"])
     assert bool(shipped.vision.stem_strides) == recipe.hierarchical_stem
+    assert bool(shipped.histogram_edges) == recipe.histograms
 
 
 def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
@@ -115,6 +120,7 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     vocabulary size is left to the trainer's tokenizer."""
     from fvlm_pacs.model import demo_build
     from fvlm_pacs.model.config import ModelConfig, tiny
+    from fvlm_pacs.model.histogram import HISTOGRAM_EDGES
     from fvlm_pacs.model.intensity import FOUR_WINDOWS
 
     default = demo_build.DemoRecipe(hierarchical_stem=False).model_config()
@@ -128,6 +134,10 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     stem = demo_build.DemoRecipe().model_config()  # the shipped recipe: the stem
     assert ModelConfig.from_dict({**stem, "text": text}) == tiny(
         vocab_size=317, hierarchical_stem=True
+    )
+    hist = demo_build.DemoRecipe(histograms=True, hierarchical_stem=False).model_config()
+    assert ModelConfig.from_dict({**hist, "text": text}) == dataclasses.replace(
+        tiny(vocab_size=317), histogram_edges=HISTOGRAM_EDGES
     )
     wide = demo_build.DemoRecipe(vit_width=192, hierarchical_stem=False).model_config()
     assert wide["vision"]["hidden_size"] == 192 and wide["vision"]["mlp_dim"] == 384

@@ -58,10 +58,13 @@ def pool_anatomies(
     query_tokens: torch.Tensor,
     attention: nn.MultiheadAttention,
     vision_projs: nn.ModuleList,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pool ``levels`` (L tensors [B, N, C]) per anatomy under ``selector`` (bool [B, K, N]).
 
     Returns [B, K, embed_dim], L2-normalised, with NaN rows where an anatomy has no token.
+    ``extra`` [B, K, embed_dim] is added to the projections before they are normalised (the
+    anatomy histograms of :mod:`~fvlm_pacs.model.histogram`).
     All anatomies go through one attention call: query row k gets its own key mask, which is the
     same as K separate calls with the shared weights, in one kernel launch. A free function (not
     only a module) so that :class:`~fvlm_pacs.model.fvlm.FvlmModel` can own ``query_tokens``,
@@ -84,6 +87,8 @@ def pool_anatomies(
     queries = query_tokens.unsqueeze(0).expand(b, -1, -1).to(keys.dtype)
     pooled, _ = attention(queries, keys, keys, attn_mask=blocked, need_weights=False)
     emb = torch.stack([proj(pooled[:, i]) for i, proj in enumerate(vision_projs)], dim=1)
+    if extra is not None:
+        emb = emb + extra.to(emb.dtype)
     emb = F.normalize(emb, dim=-1)
     return torch.where(present.unsqueeze(-1), emb, torch.full_like(emb, float("nan")))
 

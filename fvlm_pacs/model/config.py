@@ -57,6 +57,16 @@ def _windows(value: Any) -> tuple[tuple[float, float], ...]:
     return out
 
 
+def _edges(value: Any) -> tuple[float, ...]:
+    try:
+        out = tuple(float(e) for e in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"histogram_edges must be a list of HU values, got {value!r}") from exc
+    if any(b <= a for a, b in zip(out, out[1:], strict=False)):
+        raise ConfigError(f"histogram_edges must increase strictly, got {list(out)}")
+    return out
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """3D ViT in MONAI naming. ``level_blocks`` are the 0-based blocks whose residual stream is
@@ -197,7 +207,13 @@ class TextConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the fVLM weights depend on. ``anatomies`` are in index order: label k in the
-    label map (1-based) is ``anatomies[k - 1]``."""
+    label map (1-based) is ``anatomies[k - 1]``.
+
+    ``histogram_edges`` (HU, strictly increasing) switch on the anatomy HU histograms of
+    :mod:`~fvlm_pacs.model.histogram` — an MLP of ``histogram_hidden`` units per anatomy whose
+    output joins the pooled token embedding; empty (the release, and every model made before
+    them) means no histogram weights and the release's computation.
+    """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -208,9 +224,14 @@ class ModelConfig:
     temperature_init: float = 0.07
     temperature_min: float = 0.001
     temperature_max: float = 0.5
+    histogram_edges: tuple[float, ...] = ()
+    histogram_hidden: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "anatomies", tuple(str(a) for a in self.anatomies))
+        object.__setattr__(self, "histogram_edges", _edges(self.histogram_edges))
+        if self.histogram_hidden <= 0:
+            raise ConfigError(f"histogram_hidden must be positive, got {self.histogram_hidden}")
         if not self.anatomies:
             raise ConfigError("anatomies must name at least one anatomy")
         if len(set(self.anatomies)) != len(self.anatomies):

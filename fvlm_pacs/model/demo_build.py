@@ -29,6 +29,7 @@ from fvlm_pacs.evaluation import EvalReport, calibrate, evaluate, write_threshol
 from fvlm_pacs.model.checkpoint import demo_model_dir
 from fvlm_pacs.model.config import RELEASED_HU_WINDOW, ModelConfig, tiny
 from fvlm_pacs.model.dataset import read_synthetic
+from fvlm_pacs.model.histogram import HISTOGRAM_EDGES
 from fvlm_pacs.model.model_prompts import PROMPTS_FILE, write_model_prompts
 from fvlm_pacs.model.predictor import THRESHOLDS_FILE, Predictor
 from fvlm_pacs.model.prompt_selection import (
@@ -137,6 +138,7 @@ class DemoRecipe:
         in its tokenizer's)."""
         data = tiny(hu_windows=self.hu_windows, hierarchical_stem=self.hierarchical_stem).to_dict()
         data["vision"].update(hidden_size=self.vit_width, mlp_dim=2 * self.vit_width)
+        data["histogram_edges"] = list(HISTOGRAM_EDGES if self.histograms else ())
         del data["text"]["vocab_size"]
         return data
 
@@ -153,6 +155,7 @@ class DemoRecipe:
     vit_width: int = 64
     hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,)
     hierarchical_stem: bool = True
+    histograms: bool = False
     objective: str = "fvlm"
     negative_prompts: str = "val-selected"
     heldout_cases: int = 200
@@ -355,7 +358,15 @@ def model_card(
         "vocabulary built from the synthetic reports, 16-d joint space, anatomies "
         "lung/heart/esophagus/aorta; input channels: the HU windows "
         + ", ".join(f"[{lo:g}, {hi:g}]" for lo, hi in recipe.hu_windows)
-        + ") trained from scratch with the fVLM objective (normal-sample correction on"
+        + ")"
+        + (
+            ", each anatomy's HU histogram (bins at "
+            + ", ".join(f"{e:g}" for e in HISTOGRAM_EDGES)
+            + " HU) added to its pooled tokens"
+            if recipe.histograms
+            else ""
+        )
+        + " trained from scratch with the fVLM objective (normal-sample correction on"
         + (
             "; co-teaching with a second network, the first is shipped"
             if recipe.objective == "fvlm-coteach"
@@ -411,6 +422,7 @@ def model_card(
         f"--seg-steps {recipe.seg_steps} --seed {recipe.seed} --vit-width {recipe.vit_width} "
         f"--objective {recipe.objective} --negative-prompts {recipe.negative_prompts} "
         f"--stem {'hierarchical' if recipe.hierarchical_stem else 'patch'} "
+        f"--histograms {'on' if recipe.histograms else 'off'} "
         f"--heldout-cases {recipe.heldout_cases}",
         "```",
         "",

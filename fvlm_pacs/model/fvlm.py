@@ -30,6 +30,7 @@ from transformers import BertModel, PreTrainedTokenizerBase
 from ..errors import ConfigError
 from .anatomy import pool_anatomies, token_selector
 from .config import ModelConfig
+from .histogram import HistogramEncoder, anatomy_histograms
 from .text import build_text_encoder, embed_texts
 from .vit import VisionTransformer3D
 
@@ -106,6 +107,11 @@ class FvlmModel(nn.Module):
             v.hidden_size, config.pool_heads, dropout=config.pool_dropout, batch_first=True
         )
         self.temp = nn.Parameter(torch.tensor(config.temperature_init))
+        self.histogram: HistogramEncoder | None = None
+        if config.histogram_edges:
+            self.histogram = HistogramEncoder(
+                k, len(config.histogram_edges) + 1, config.histogram_hidden, config.embed_dim
+            )
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -186,7 +192,8 @@ class FvlmModel(nn.Module):
 
         ``image`` float [B, 1, D, H, W], scaled HU (:func:`~fvlm_pacs.model.intensity.scale_hu`);
         ``labelmap`` int [B, D, H, W] on the same grid (0 background, k = the k-th anatomy,
-        1-based). D, H, W must be multiples of the patch.
+        1-based). D, H, W must be multiples of the patch. A model with ``histogram_edges`` adds
+        each anatomy's HU histogram (:mod:`~fvlm_pacs.model.histogram`) before normalising.
         """
         if labelmap.shape != image.shape[:1] + image.shape[2:]:
             raise ValueError(
@@ -195,11 +202,16 @@ class FvlmModel(nn.Module):
             )
         param = self.temp
         levels = self.encode_tokens(image)
-        selector = token_selector(
-            labelmap.to(param.device), len(self.anatomies), self.config.vision.patch_size
-        )
+        labelmap = labelmap.to(param.device)
+        selector = token_selector(labelmap, len(self.anatomies), self.config.vision.patch_size)
+        extra = None
+        if self.histogram is not None:
+            features = anatomy_histograms(
+                image.to(param.device), labelmap, len(self.anatomies), self.config.histogram_edges
+            )
+            extra = self.histogram(features.to(self.histogram.dtype))
         return pool_anatomies(
-            levels, selector, self.query_tokens, self.attention, self.vision_projs
+            levels, selector, self.query_tokens, self.attention, self.vision_projs, extra
         ).float()
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:

@@ -29,6 +29,8 @@ INPUT_HU_FLOOR = RELEASED_HU_WINDOW[0]
 INPUT_HU_CEILING = 3071.0
 """The highest HU the model input keeps: 12-bit CT's top (metal saturates there anyway)."""
 _SCALE = RELEASED_HU_WINDOW[1] - RELEASED_HU_WINDOW[0]
+HU_PER_UNIT = _SCALE
+"""HU per unit of the model input: input × this = HU above :data:`INPUT_HU_FLOOR`."""
 
 
 def scale_hu(hu: np.ndarray) -> np.ndarray:
