@@ -1,7 +1,7 @@
 """Trained fVLM models, zero-shot, on the same independent phantoms: which one to ship.
 
     python bench/model_compare.py --models DIR DIR [DIR ...] --heldout DIR [--scores DIR]
-        [--seed 0] [--threads N]
+        [--segmentation exact|builtin] [--seed 0] [--threads N]
 
 ``--models``: model folders of ours, the first the reference (e.g. the shipped demo,
 ``fvlm_pacs/models/demo``); ``--heldout``: a ``manifest.csv`` folder of phantoms none of them
@@ -16,7 +16,9 @@ new models. Why a separate set: a demo build's own test part holds 36 phantoms, 
 finding with a single positive case moves a 16-finding mean by up to 0.06. A model folder that
 records its training cases (``training_cases.json``) and overlaps ``--heldout`` is refused. The
 interval covers the choice of cases, not the spread between training runs of one recipe.
-Nothing is asserted.
+``--segmentation builtin`` scores each model on the label maps of its own folder's ``builtin``
+segmentation network (``segmentation/``) instead of the phantoms' exact ones: the models as a
+demo study gets them. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ if str(REPO) not in sys.path:
 
 from synthetic_zero_shot import aucs, bootstrap_diff, fmt, mean_of  # noqa: E402  (bench/)
 
+from fvlm_pacs.codes import load_anatomies  # noqa: E402
 from fvlm_pacs.model import Predictor  # noqa: E402
 from fvlm_pacs.model.checkpoint import sha256_file  # noqa: E402
 from fvlm_pacs.model.dataset import read_synthetic  # noqa: E402
 from fvlm_pacs.model.provenance import training_overlap  # noqa: E402
 from fvlm_pacs.model.zeroshot_eval import score_cases  # noqa: E402
+from fvlm_pacs.segmentation import make_provider  # noqa: E402
 
 
 def cache_stem(predictor: Predictor, manifest: Path) -> str:
@@ -52,12 +56,23 @@ def cache_stem(predictor: Predictor, manifest: Path) -> str:
 
 
 def scored(
-    folder: Path, manifest: Path, cases: tuple[str, ...], store: Path | None
+    folder: Path,
+    manifest: Path,
+    cases: tuple[str, ...],
+    store: Path | None,
+    segmentation: str = "exact",
 ) -> tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(name, scores, labels) of one model on ``cases``, from ``store`` when scored before."""
+    """(name, scores, labels) of one model on ``cases``, from ``store`` when scored before;
+    ``segmentation`` ``builtin``: on the label maps of the folder's own segmentation network."""
     predictor = Predictor(folder, device="cpu")
     name = f"{predictor.info.name} {predictor.info.version} ({folder})"
+    provider = None
     key = f"{cache_stem(predictor, manifest)}.npz"
+    if segmentation == "builtin":
+        provider = make_provider(
+            "builtin", load_anatomies("ct-rate"), model_dir=folder / "segmentation"
+        )
+        key = f"{cache_stem(predictor, manifest)}-seg{sha256_file(folder / 'segmentation' / 'model.safetensors')[:8]}.npz"
     if store is not None and (store / key).is_file():
         with np.load(store / key) as z:
             return (
@@ -66,7 +81,7 @@ def scored(
                 {k[2:]: z[k] for k in z if k[:2] == "l:"},
             )
     t0 = time.perf_counter()
-    result = score_cases(predictor, manifest.parent, cases)
+    result = score_cases(predictor, manifest.parent, cases, provider)
     print(f"scored {name}: {len(cases)} cases in {time.perf_counter() - t0:.0f} s")
     if store is not None:
         store.mkdir(parents=True, exist_ok=True)
@@ -81,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, nargs="+", required=True, help="first: reference")
     ap.add_argument("--heldout", type=Path, required=True, help="folder with manifest.csv")
     ap.add_argument("--scores", type=Path, help="folder keeping each model's scores")
+    ap.add_argument(
+        "--segmentation",
+        choices=["exact", "builtin"],
+        default="exact",
+        help="label maps: the phantoms' exact ones, or each model folder's builtin network's",
+    )
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
@@ -95,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         if seen:
             print(f"{folder} was trained on {len(seen)} of these cases (e.g. {seen[0]})")
             return 2
-    runs = [scored(folder, manifest, cases, args.scores) for folder in args.models]
+    runs = [
+        scored(folder, manifest, cases, args.scores, args.segmentation) for folder in args.models
+    ]
     labels = runs[0][2]
     names = [n for n in labels if all(n in r[1] for r in runs)]
     table = [aucs(r[1], labels) for r in runs]

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from fvlm_pacs.cli import main
+from fvlm_pacs.domain import LabelMap
 from fvlm_pacs.evaluation import roc_auc
 from fvlm_pacs.model import Predictor
+from fvlm_pacs.model.config import RELEASED_ANATOMIES
 from fvlm_pacs.model.predictor import load_thresholds
 from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases
 from fvlm_pacs.phantoms import PhantomSpec, write_dataset
@@ -90,3 +92,30 @@ def test_cli_eval_scores_with_the_precision_it_is_given(model_dir: Path, data: P
     for row in result["findings"]:
         expected = roc_auc(bf16.scores[row["finding"]], bf16.labels[row["finding"]])
         assert row["auc"] == (pytest.approx(expected) if expected is not None else None)
+
+
+class WithoutAorta:
+    """A segmentation provider that finds every anatomy but the aorta (reads the phantom's own
+    label map and blanks label 4): scoring with it must use its map, not the exact one."""
+
+    name = "without-aorta"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def segment(self, volume, study_paths):  # type: ignore[no-untyped-def]
+        with np.load(self.root / volume.series_instance_uid / "case.npz") as z:
+            labels = z["labels"].copy()
+        labels[labels == 4] = 0
+        return LabelMap(array=labels, anatomies=RELEASED_ANATOMIES, source=self.name)
+
+
+def test_score_cases_can_segment_as_served(model_dir: Path, data: Path) -> None:
+    predictor = Predictor(model_dir, device="cpu", mode="single")
+    ids = ("case_00000", "case_00001")
+    exact = score_cases(predictor, data, ids)
+    served = score_cases(predictor, data, ids, WithoutAorta(data))
+    aorta = [f.name for f in predictor.findings if f.anatomy == "aorta"]
+    assert aorta and all(np.isfinite(exact.scores[n]).all() for n in aorta)
+    assert all(np.isnan(served.scores[n]).all() for n in aorta)  # not assessable, not guessed
+    np.testing.assert_array_equal(served.scores["emphysema"], exact.scores["emphysema"])

@@ -21,6 +21,7 @@ import numpy as np
 from fvlm_pacs.domain import LabelMap, Volume
 from fvlm_pacs.evaluation import Split, scores_from_findings, split_cases
 from fvlm_pacs.model.predictor import Predictor
+from fvlm_pacs.segmentation.base import SegmentationProvider
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,24 @@ def load_case(folder: Path, anatomies: tuple[str, ...]) -> tuple[Volume, LabelMa
     )
 
 
-def score_cases(predictor: Predictor, root: Path, case_ids: tuple[str, ...]) -> LabelledScores:
-    """Run the predictor on each case; collect scores and ground-truth labels per finding."""
+def score_cases(
+    predictor: Predictor,
+    root: Path,
+    case_ids: tuple[str, ...],
+    segmentation: SegmentationProvider | None = None,
+) -> LabelledScores:
+    """Run the predictor on each case; collect scores and ground-truth labels per finding.
+
+    The label maps are the phantoms' exact ones, unless ``segmentation`` is given: then each
+    volume is segmented by it, as a study is when served — what the model scores then depends
+    on the segmenter too (the anatomy HU histograms most: a mask that strays into bone adds
+    bone to them)."""
     findings = []
     truth: dict[str, list[int]] = {f.name: [] for f in predictor.findings}
     for i, cid in enumerate(case_ids, start=1):
         volume, labelmap, labels = load_case(root / cid, predictor.anatomies)
+        if segmentation is not None:
+            labelmap = segmentation.segment(volume, ())
         findings.append(predictor.predict(volume, labelmap))
         for name in truth:
             truth[name].append(labels.get(name, 0))
