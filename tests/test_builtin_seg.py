@@ -147,6 +147,7 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
     assert "## Segmentation network" in card and "--seg-steps 2" in card
     assert "--stem hierarchical" in card and "hierarchical stem" in card
     assert "--histograms on" in card and "HU histogram" in card  # trained, scored, served
+    assert "histograms count the HU inside each mask" in card  # the limit it brings
     # the model's own negative prompts ship with it and the thresholds name them
     assert (out / "prompts.yaml").is_file() and "--negative-prompts normal-template" in card
     recorded = json.loads((out / "thresholds.json").read_text())["prompts"]

@@ -90,11 +90,11 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert main(["model", "build-demo", "--work", str(tmp_path / "w")]) == 0
     assert main(["model", "build-demo", "--steps", "7", "--work", str(tmp_path / "w")]) == 0
     assert main(["model", "build-demo", "--stem", "patch", "--work", str(tmp_path)]) == 0
-    assert main(["model", "build-demo", "--histograms", "on", "--work", str(tmp_path)]) == 0
+    assert main(["model", "build-demo", "--histograms", "off", "--work", str(tmp_path)]) == 0
     assert seen[0] == demo_build.DemoRecipe()
     assert seen[1] == demo_build.DemoRecipe(steps=7)
     assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=False)
-    assert seen[3] == demo_build.DemoRecipe(histograms=True)
+    assert seen[3] == demo_build.DemoRecipe(histograms=False)
     # the shipped model is what the default recipe builds: its card's rebuild line, version
     # and network are the defaults'
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -115,31 +115,36 @@ def test_build_demo_command_uses_the_recipe_defaults(
 
 
 def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
-    """The default recipe trains exactly ``tiny()``; ``vit_width`` changes only the ViT width,
-    ``hu_windows`` only the input channels, ``hierarchical_stem`` only the patchify, and the
-    vocabulary size is left to the trainer's tokenizer."""
+    """Without stem and histograms the recipe trains exactly ``tiny()``; ``vit_width`` changes
+    only the ViT width, ``hu_windows`` only the input channels, ``hierarchical_stem`` only the
+    patchify, ``histograms`` only the histogram edges, and the vocabulary size is left to the
+    trainer's tokenizer."""
     from fvlm_pacs.model import demo_build
     from fvlm_pacs.model.config import ModelConfig, tiny
     from fvlm_pacs.model.histogram import HISTOGRAM_EDGES
     from fvlm_pacs.model.intensity import FOUR_WINDOWS
 
-    default = demo_build.DemoRecipe(hierarchical_stem=False).model_config()
+    default = demo_build.DemoRecipe(hierarchical_stem=False, histograms=False).model_config()
     assert "vocab_size" not in default["text"]
     text = {**default["text"], "vocab_size": 317}
     assert ModelConfig.from_dict({**default, "text": text}) == tiny(vocab_size=317)
-    four = demo_build.DemoRecipe(hu_windows=FOUR_WINDOWS, hierarchical_stem=False).model_config()
+    four = demo_build.DemoRecipe(
+        hu_windows=FOUR_WINDOWS, hierarchical_stem=False, histograms=False
+    ).model_config()
     got = ModelConfig.from_dict({**four, "text": text})
     assert got.vision.hu_windows == FOUR_WINDOWS and got.vision.in_channels == 4
     assert got == tiny(vocab_size=317, hu_windows=FOUR_WINDOWS)
-    stem = demo_build.DemoRecipe().model_config()  # the shipped recipe: the stem
-    assert ModelConfig.from_dict({**stem, "text": text}) == tiny(
-        vocab_size=317, hierarchical_stem=True
+    shipped = demo_build.DemoRecipe().model_config()  # the shipped recipe: stem + histograms
+    assert ModelConfig.from_dict({**shipped, "text": text}) == dataclasses.replace(
+        tiny(vocab_size=317, hierarchical_stem=True), histogram_edges=HISTOGRAM_EDGES
     )
-    hist = demo_build.DemoRecipe(histograms=True, hierarchical_stem=False).model_config()
+    hist = demo_build.DemoRecipe(hierarchical_stem=False).model_config()
     assert ModelConfig.from_dict({**hist, "text": text}) == dataclasses.replace(
         tiny(vocab_size=317), histogram_edges=HISTOGRAM_EDGES
     )
-    wide = demo_build.DemoRecipe(vit_width=192, hierarchical_stem=False).model_config()
+    wide = demo_build.DemoRecipe(
+        vit_width=192, hierarchical_stem=False, histograms=False
+    ).model_config()
     assert wide["vision"]["hidden_size"] == 192 and wide["vision"]["mlp_dim"] == 384
     assert {k: v for k, v in wide.items() if k != "vision"} == {
         k: v for k, v in default.items() if k != "vision"

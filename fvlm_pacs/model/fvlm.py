@@ -3,7 +3,8 @@
 Parameters sit at the top level under the released checkpoint's prefixes (``visual_encoder.*``,
 ``text_encoder.*``, ``text_proj.*``, ``vision_projs.{k}.*``, ``query_tokens``, ``attention.*``,
 ``temp``), so the released state dict and ours are the same mapping and one strict loader serves
-both formats (see :mod:`fvlm_pacs.model.checkpoint`).
+both formats (see :mod:`fvlm_pacs.model.checkpoint`). Only our own models with
+``histogram_edges`` add ``histogram.mlps.{k}.*`` (:mod:`~fvlm_pacs.model.histogram`).
 
 The text tower (``text_encoder`` + ``text_proj``, BERT-base: ~0.4 GiB) is only needed to embed
 prompts, and a warm prompt bank (:mod:`fvlm_pacs.model.prompts`) already holds every prompt the
