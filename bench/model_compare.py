@@ -67,12 +67,12 @@ def scored(
     predictor = Predictor(folder, device="cpu")
     name = f"{predictor.info.name} {predictor.info.version} ({folder})"
     provider = None
-    key = f"{cache_stem(predictor, manifest)}.npz"
+    stem = cache_stem(predictor, manifest)
     if segmentation == "builtin":
-        provider = make_provider(
-            "builtin", load_anatomies("ct-rate"), model_dir=folder / "segmentation"
-        )
-        key = f"{cache_stem(predictor, manifest)}-seg{sha256_file(folder / 'segmentation' / 'model.safetensors')[:8]}.npz"
+        seg_dir = folder / "segmentation"
+        provider = make_provider("builtin", load_anatomies("ct-rate"), model_dir=seg_dir)
+        stem += f"-seg{sha256_file(seg_dir / 'model.safetensors')[:8]}"  # masks change scores
+    key = f"{stem}.npz"
     if store is not None and (store / key).is_file():
         with np.load(store / key) as z:
             return (

@@ -28,15 +28,14 @@ INPUT_HU_FLOOR = RELEASED_HU_WINDOW[0]
 """The lowest HU the model input keeps (the release's window floor; air is −1000)."""
 INPUT_HU_CEILING = 3071.0
 """The highest HU the model input keeps: 12-bit CT's top (metal saturates there anyway)."""
-_SCALE = RELEASED_HU_WINDOW[1] - RELEASED_HU_WINDOW[0]
-HU_PER_UNIT = _SCALE
+HU_PER_UNIT = RELEASED_HU_WINDOW[1] - RELEASED_HU_WINDOW[0]
 """HU per unit of the model input: input × this = HU above :data:`INPUT_HU_FLOOR`."""
 
 
 def scale_hu(hu: np.ndarray) -> np.ndarray:
     """float32 model input from HU: −1150 → 0, 350 → 1, clipped to [−1150, 3071] HU."""
     clipped = np.clip(np.asarray(hu, dtype=np.float32), INPUT_HU_FLOOR, INPUT_HU_CEILING)
-    return (clipped - np.float32(INPUT_HU_FLOOR)) / np.float32(_SCALE)
+    return (clipped - np.float32(INPUT_HU_FLOOR)) / np.float32(HU_PER_UNIT)
 
 
 def window_channels(
@@ -56,7 +55,7 @@ def window_channels(
         )
     shape = [1] * image.ndim
     shape[dim] = len(windows)
-    scale = [_SCALE / (high - low) for low, high in windows]
+    scale = [HU_PER_UNIT / (high - low) for low, high in windows]
     offset = [-(low - INPUT_HU_FLOOR) / (high - low) for low, high in windows]
     scaled = torch.addcmul(
         torch.tensor(offset, dtype=image.dtype, device=image.device).reshape(shape),
