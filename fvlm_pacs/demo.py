@@ -466,7 +466,7 @@ def _findings_table(payload: dict[str, Any], truth: dict[str, bool]) -> Any:
     for column in ("anatomy", "finding", "score", "threshold", "status", "phantom truth"):
         table.add_column(column, justify="right" if column in ("score", "threshold") else "left")
     for f in payload.get("findings") or []:
-        score = "—" if f["score"] is None else f"{f['score']:.4f}"
+        score = "—" if f["score"] is None else f"{f['score']:.4g}"
         status = str(f["status"])
         shown = f"[bold red]{status}[/]" if status == "present" else status
         known = truth.get(str(f["finding"]))
@@ -474,7 +474,7 @@ def _findings_table(payload: dict[str, Any], truth: dict[str, bool]) -> Any:
             str(f["anatomy"]),
             str(f["finding"]),
             score,
-            f"{f['threshold']:.4f}",
+            f"{f['threshold']:.4g}",
             shown,
             "—" if known is None else ("present" if known else "absent"),
         )

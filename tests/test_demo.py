@@ -162,3 +162,36 @@ def test_model_caveat(tmp_path: Path) -> None:
     assert model_caveat(tmp_path) == DEFAULT_CAVEAT
     (tmp_path / "MODEL_CARD.md").write_text("# m\ncaveat: trained on phantoms only\n")
     assert model_caveat(tmp_path) == "trained on phantoms only"
+
+
+def test_findings_table_keeps_small_thresholds_readable() -> None:
+    """The shipped cardiomegaly threshold is 4.2e-05: a fixed 4-decimal column printed it as
+    0.0000, which reads as "always present"."""
+    from rich.console import Console
+
+    from fvlm_pacs.demo import _findings_table
+
+    payload = {
+        "model": {"name": "m", "version": "1"},
+        "findings": [
+            {
+                "anatomy": "heart",
+                "finding": "cardiomegaly",
+                "score": 3.1e-05,
+                "threshold": 4.176e-05,
+                "status": "absent",
+            },
+            {
+                "anatomy": "lung",
+                "finding": "emphysema",
+                "score": None,
+                "threshold": 0.836,
+                "status": "not assessable",
+            },
+        ],
+    }
+    console = Console(width=200, record=True)
+    console.print(_findings_table(payload, {"cardiomegaly": False}))
+    text = console.export_text()
+    assert "4.176e-05" in text and "3.1e-05" in text and "0.836" in text
+    assert "0.0000" not in text
