@@ -39,10 +39,10 @@ if str(REPO) not in sys.path:
 
 from synthetic_zero_shot import aucs, bootstrap_diff, fmt, mean_of  # noqa: E402  (bench/)
 
-from fvlm_pacs.codes import load_anatomies  # noqa: E402
 from fvlm_pacs.model import Predictor  # noqa: E402
 from fvlm_pacs.model.checkpoint import sha256_file  # noqa: E402
 from fvlm_pacs.model.dataset import read_synthetic  # noqa: E402
+from fvlm_pacs.model.predictor import anatomy_table_for  # noqa: E402
 from fvlm_pacs.model.provenance import training_overlap  # noqa: E402
 from fvlm_pacs.model.zeroshot_eval import score_cases  # noqa: E402
 from fvlm_pacs.segmentation import make_provider  # noqa: E402
@@ -70,7 +70,8 @@ def scored(
     stem = cache_stem(predictor, manifest)
     if segmentation == "builtin":
         seg_dir = folder / "segmentation"
-        provider = make_provider("builtin", load_anatomies("ct-rate"), model_dir=seg_dir)
+        table = anatomy_table_for(predictor.anatomies)  # the masks must carry the model's anatomies
+        provider = make_provider("builtin", table, model_dir=seg_dir)
         stem += f"-seg{sha256_file(seg_dir / 'model.safetensors')[:8]}"  # masks change scores
     key = f"{stem}.npz"
     if store is not None and (store / key).is_file():
