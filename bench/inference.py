@@ -47,6 +47,8 @@ from fvlm_pacs.model.predictor import cast_linear_weights  # noqa: E402
 from fvlm_pacs.model.preprocess import anatomy_crops, context_crop, to_model_grid  # noqa: E402
 
 CROP = (112, 288, 352)
+SHELL = 2
+"""Shell width (voxels) timed for the anatomy surroundings: the one measured in bench/README.md."""
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -227,6 +229,16 @@ def main() -> None:
     print(
         f"  anatomy HU histograms on the same crop (model.histogram_edges): {hist_s:.3f} s, "
         f"{hist_s / rows[0][1]:.3f}× the fp32 encode"
+    )
+    ctx_s = timed(
+        lambda: anatomy_histograms(
+            image, lab, len(config.anatomies), HISTOGRAM_EDGES, shell=SHELL, volume=True
+        ),
+        args.repeats,
+    )
+    print(
+        f"  with surroundings ({SHELL}-voxel shell) and volume (model.histogram_shell, "
+        f"histogram_volume): {ctx_s:.3f} s, {ctx_s / rows[0][1]:.3f}× the fp32 encode"
     )
     print(f"  speed-up bf16 (weights stored in bf16) over fp32: {rows[0][1] / rows[2][1]:.2f}×")
     ctx_image = torch.from_numpy(context.image)[None, None].to(device)

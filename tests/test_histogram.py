@@ -14,7 +14,9 @@ from fvlm_pacs.model.histogram import (
     FRACTION_FLOOR,
     HISTOGRAM_EDGES,
     anatomy_histograms,
+    feature_count,
     log_fractions,
+    log_volume,
 )
 from fvlm_pacs.model.intensity import scale_hu
 from fvlm_pacs.model.text import load_tokenizer
@@ -71,6 +73,82 @@ def test_histograms_refuse_mismatched_or_negative_labels() -> None:
         anatomy_histograms(image, torch.zeros(1, 4, 4, 5, dtype=torch.long), 2, EDGES)
     with pytest.raises(ValueError, match="negative"):
         anatomy_histograms(image, torch.full((1, 4, 4, 4), -1), 2, EDGES)
+
+
+def test_shell_counts_the_surroundings_no_anatomy_claims() -> None:
+    """Pleural fluid lies outside the lung's mask: the shell histogram is where it shows."""
+    hu = np.full((1, 1, 8), 40.0, dtype=np.float32)
+    labels = np.zeros((1, 1, 8), dtype=np.int64)
+    labels[0, 0, 0:2] = 1  # "lung"
+    labels[0, 0, 4:6] = 2  # "heart"
+    hu[0, 0, 2] = 10.0  # fluid, next to the lung only
+    hu[0, 0, 3] = -100.0  # fat between both: in both shells
+    labels[0, 0, 6] = 9  # a label that is none of the model's anatomies: surroundings
+    hu[0, 0, 6] = 800.0
+    got = anatomy_histograms(scaled(hu), torch.from_numpy(labels)[None], 3, EDGES, shell=2)
+    assert got.shape == (1, 3, feature_count(EDGES, shell=2)) == (1, 3, 8)
+    shells = torch.tensor(
+        [[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    )  # lung: voxels 2, 3; heart: 2, 3, 6, 7 (40 HU); anatomy 3 absent
+    shells[1] = torch.tensor([0.0, 1.0, 2.0, 1.0])
+    torch.testing.assert_close(got[0, :, 4:], log_fractions(shells))
+    own = anatomy_histograms(scaled(hu), torch.from_numpy(labels)[None], 3, EDGES)
+    torch.testing.assert_close(got[..., :4], own)  # the anatomy's own part is unchanged
+
+
+def reference_shells(labels: np.ndarray, k: int, width: int) -> np.ndarray:
+    """bool [B, K, D, H, W] by brute force: within ``width`` voxels (box) of anatomy k, in none."""
+    b, d, h, w = labels.shape
+    free = (labels < 1) | (labels > k)
+    out = np.zeros((b, k, d, h, w), dtype=bool)
+    for a in range(k):
+        mask = np.pad(labels == a + 1, ((0, 0), (width,) * 2, (width,) * 2, (width,) * 2))
+        for i in range(2 * width + 1):
+            for j in range(2 * width + 1):
+                for m in range(2 * width + 1):
+                    out[:, a] |= mask[:, i : i + d, j : j + h, m : m + w]
+        out[:, a] &= free
+    return out
+
+
+@pytest.mark.parametrize(("k", "width"), [(4, 2), (9, 1)])  # 9: more than one bincount group
+def test_shells_match_a_brute_force_dilation_on_a_random_batch(k: int, width: int) -> None:
+    rng = np.random.default_rng(k)
+    p = np.full(k + 2, 0.3 / (k + 1))
+    p[0] = 0.7  # mostly background, so shells are neither empty nor everything
+    labels = rng.choice(k + 2, size=(2, 6, 7, 9), p=p)  # label k + 1: no anatomy of the model
+    hu = rng.uniform(-1100, 1100, size=labels.shape).astype(np.float32)
+    image = torch.from_numpy(scale_hu(hu))[:, None]
+    got = anatomy_histograms(image, torch.from_numpy(labels), k, EDGES, shell=width, volume=True)
+    shells = reference_shells(labels, k, width)
+    bins = np.digitize(np.floor(hu), EDGES)
+    for s in range(2):
+        for a in range(k):
+            counts = np.bincount(bins[s][shells[s, a]], minlength=4).astype(np.float32)
+            own = np.bincount(bins[s][labels[s] == a + 1], minlength=4).astype(np.float32)
+            assert 0 < counts.sum() < shells[s, a].size
+            torch.testing.assert_close(got[s, a, 4:8], log_fractions(torch.from_numpy(counts)))
+            torch.testing.assert_close(got[s, a, :4], log_fractions(torch.from_numpy(own)))
+            assert float(got[s, a, 8]) == pytest.approx((np.log10(max(own.sum(), 1)) - 5) / 2)
+
+
+def test_volume_is_the_anatomys_log_voxel_count() -> None:
+    counts = torch.tensor([[1e5, 0.0], [5e2, 5e2], [0.0, 0.0]])
+    assert log_volume(counts).flatten().tolist() == pytest.approx([0.0, -1.0, -2.5])
+    assert feature_count(HISTOGRAM_EDGES) == 18
+    assert feature_count(HISTOGRAM_EDGES, shell=3, volume=True) == 37
+
+
+def test_shell_and_volume_widen_the_mlp_and_round_trip() -> None:
+    cfg = dataclasses.replace(with_histograms(), histogram_shell=2, histogram_volume=True)
+    model = FvlmModel(cfg, with_text=False)
+    assert model.state_dict()["histogram.mlps.0.0.weight"].shape[1] == 37
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    assert ModelConfig.from_json(with_histograms().to_json()).histogram_shell == 0
+    with pytest.raises(ConfigError, match="need histogram_edges"):
+        dataclasses.replace(tiny(), histogram_volume=True)
+    with pytest.raises(ConfigError, match="histogram_shell"):
+        dataclasses.replace(with_histograms(), histogram_shell=-1)
 
 
 @pytest.mark.parametrize(

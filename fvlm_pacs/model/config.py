@@ -212,7 +212,10 @@ class ModelConfig:
     ``histogram_edges`` (HU, strictly increasing) switch on the anatomy HU histograms of
     :mod:`~fvlm_pacs.model.histogram` — an MLP of ``histogram_hidden`` units per anatomy whose
     output joins the pooled token embedding; empty (the release, and every model made before
-    them) means no histogram weights and the release's computation.
+    them) means no histogram weights and the release's computation. ``histogram_shell`` (voxels,
+    0 = off) adds the histogram of the anatomy's surroundings — voxels within that many voxels
+    of it along each axis that belong to none of the model's anatomies — and
+    ``histogram_volume`` the anatomy's voxel count; both need ``histogram_edges``.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -226,12 +229,18 @@ class ModelConfig:
     temperature_max: float = 0.5
     histogram_edges: tuple[float, ...] = ()
     histogram_hidden: int = 64
+    histogram_shell: int = 0
+    histogram_volume: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "anatomies", tuple(str(a) for a in self.anatomies))
         object.__setattr__(self, "histogram_edges", _edges(self.histogram_edges))
         if self.histogram_hidden <= 0:
             raise ConfigError(f"histogram_hidden must be positive, got {self.histogram_hidden}")
+        if self.histogram_shell < 0:
+            raise ConfigError(f"histogram_shell must be >= 0 voxels, got {self.histogram_shell}")
+        if (self.histogram_shell or self.histogram_volume) and not self.histogram_edges:
+            raise ConfigError("histogram_shell and histogram_volume need histogram_edges")
         if not self.anatomies:
             raise ConfigError("anatomies must name at least one anatomy")
         if len(set(self.anatomies)) != len(self.anatomies):

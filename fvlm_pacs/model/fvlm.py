@@ -31,7 +31,7 @@ from transformers import BertModel, PreTrainedTokenizerBase
 from ..errors import ConfigError
 from .anatomy import pool_anatomies, token_selector
 from .config import ModelConfig
-from .histogram import HistogramEncoder, anatomy_histograms
+from .histogram import HistogramEncoder, anatomy_histograms, feature_count
 from .text import build_text_encoder, embed_texts
 from .vit import VisionTransformer3D
 
@@ -110,9 +110,10 @@ class FvlmModel(nn.Module):
         self.temp = nn.Parameter(torch.tensor(config.temperature_init))
         self.histogram: HistogramEncoder | None = None
         if config.histogram_edges:
-            self.histogram = HistogramEncoder(
-                k, len(config.histogram_edges) + 1, config.histogram_hidden, config.embed_dim
+            bins = feature_count(
+                config.histogram_edges, config.histogram_shell, config.histogram_volume
             )
+            self.histogram = HistogramEncoder(k, bins, config.histogram_hidden, config.embed_dim)
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -207,8 +208,14 @@ class FvlmModel(nn.Module):
         selector = token_selector(labelmap, len(self.anatomies), self.config.vision.patch_size)
         extra = None
         if self.histogram is not None:
+            cfg = self.config
             features = anatomy_histograms(
-                image.to(param.device), labelmap, len(self.anatomies), self.config.histogram_edges
+                image.to(param.device),
+                labelmap,
+                len(self.anatomies),
+                cfg.histogram_edges,
+                shell=cfg.histogram_shell,
+                volume=cfg.histogram_volume,
             )
             extra = self.histogram(features.to(self.histogram.dtype))
         return pool_anatomies(
