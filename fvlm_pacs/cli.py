@@ -213,6 +213,13 @@ def parser() -> argparse.ArgumentParser:
         "histogram.HISTOGRAM_EDGES) or not (the release's token pooling alone)",
     )
     demo.add_argument(
+        "--histogram-context",
+        choices=["on", "off"],
+        help="with --histograms on: also the histogram of each anatomy's surroundings "
+        "(model.histogram_shell voxels that belong to no anatomy) and its voxel count "
+        "(model.histogram_volume)",
+    )
+    demo.add_argument(
         "--heldout-cases",
         type=int,
         help="independent phantoms (seeds from 100000) the card also reports (0: none)",
@@ -322,6 +329,8 @@ def _build_demo(args: argparse.Namespace) -> int:
         given["hierarchical_stem"] = args.stem == "hierarchical"
     if args.histograms is not None:
         given["histograms"] = args.histograms == "on"
+    if args.histogram_context is not None:
+        given["histogram_context"] = args.histogram_context == "on"
     try:
         recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
         out = build_demo(recipe, args.work, args.out)

@@ -91,10 +91,13 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert main(["model", "build-demo", "--steps", "7", "--work", str(tmp_path / "w")]) == 0
     assert main(["model", "build-demo", "--stem", "patch", "--work", str(tmp_path)]) == 0
     assert main(["model", "build-demo", "--histograms", "off", "--work", str(tmp_path)]) == 0
+    context = ["--histogram-context", "on", "--work", str(tmp_path)]
+    assert main(["model", "build-demo", *context]) == 0
     assert seen[0] == demo_build.DemoRecipe()
     assert seen[1] == demo_build.DemoRecipe(steps=7)
     assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=False)
     assert seen[3] == demo_build.DemoRecipe(histograms=False)
+    assert seen[4] == demo_build.DemoRecipe(histogram_context=True)
     # the shipped model is what the default recipe builds: its card's rebuild line, version
     # and network are the defaults'
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -119,6 +122,7 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     only the ViT width, ``hu_windows`` only the input channels, ``hierarchical_stem`` only the
     patchify, ``histograms`` only the histogram edges, and the vocabulary size is left to the
     trainer's tokenizer."""
+    from fvlm_pacs.errors import ConfigError
     from fvlm_pacs.model import demo_build
     from fvlm_pacs.model.config import ModelConfig, tiny
     from fvlm_pacs.model.histogram import HISTOGRAM_EDGES
@@ -142,6 +146,15 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     assert ModelConfig.from_dict({**hist, "text": text}) == dataclasses.replace(
         tiny(vocab_size=317), histogram_edges=HISTOGRAM_EDGES
     )
+    context = demo_build.DemoRecipe(hierarchical_stem=False, histogram_context=True).model_config()
+    assert ModelConfig.from_dict({**context, "text": text}) == dataclasses.replace(
+        tiny(vocab_size=317),
+        histogram_edges=HISTOGRAM_EDGES,
+        histogram_shell=demo_build.CONTEXT_SHELL,
+        histogram_volume=True,
+    )
+    with pytest.raises(ConfigError, match="need histogram_edges"):  # before any phantom
+        demo_build.DemoRecipe(histograms=False, histogram_context=True)
     wide = demo_build.DemoRecipe(
         vit_width=192, hierarchical_stem=False, histograms=False
     ).model_config()

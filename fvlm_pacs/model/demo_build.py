@@ -67,6 +67,9 @@ AFTER_TRAINING = (
 HELDOUT_SEED = 100_000
 """First phantom seed of the card's independent held-out set (case i: seed + i), far from any
 recipe's own block ``[seed, seed + cases)`` — a recipe that would reach it is refused."""
+CONTEXT_SHELL = 2
+"""``histogram_shell`` (voxels) of a recipe with ``histogram_context``: 3–6 mm on the model's
+3 × 1 × 1 mm grid, the pleural space and pericardium beside the lung and heart masks."""
 
 
 NEGATIVE_PROMPTS = ("release", "normal-template", "text-selected", "val-selected")
@@ -94,8 +97,10 @@ class DemoRecipe:
     ``hu_windows`` its input channels, ``hierarchical_stem`` its patchify (the stem of
     :data:`~fvlm_pacs.model.config.HMLP_STEM_STRIDES`, else the release's convolution, which
     trains at ``patch_lr_scale``), ``histograms`` whether each anatomy's HU histogram
-    (:data:`~fvlm_pacs.model.histogram.HISTOGRAM_EDGES`) joins its embedding; the rest of the
-    network is :func:`~fvlm_pacs.model.config.tiny`.
+    (:data:`~fvlm_pacs.model.histogram.HISTOGRAM_EDGES`) joins its embedding,
+    ``histogram_context`` whether the histogram of its surroundings (:data:`CONTEXT_SHELL`
+    voxels) and its volume join too; the rest of the network is
+    :func:`~fvlm_pacs.model.config.tiny`.
 
     The defaults are the shipped ``fvlm-demo 3``: 960 phantoms (seeds 1–960), the hierarchical
     stem, anatomy histograms, ``val-selected`` negative prompts. Measured on the card's 200
@@ -136,6 +141,8 @@ class DemoRecipe:
         data = tiny(hu_windows=self.hu_windows, hierarchical_stem=self.hierarchical_stem).to_dict()
         data["vision"].update(hidden_size=self.vit_width, mlp_dim=2 * self.vit_width)
         data["histogram_edges"] = list(HISTOGRAM_EDGES if self.histograms else ())
+        data["histogram_shell"] = CONTEXT_SHELL if self.histogram_context else 0
+        data["histogram_volume"] = self.histogram_context
         del data["text"]["vocab_size"]
         return data
 
@@ -153,6 +160,7 @@ class DemoRecipe:
     hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,)
     hierarchical_stem: bool = True
     histograms: bool = True
+    histogram_context: bool = False
     objective: str = "fvlm"
     negative_prompts: str = "val-selected"
     heldout_cases: int = 200
@@ -358,7 +366,13 @@ def model_card(
         + (
             "; each anatomy's HU histogram, bins at "
             + ", ".join(f"{e:g}" for e in HISTOGRAM_EDGES)
-            + " HU, joins its pooled tokens"
+            + " HU"
+            + (
+                f", with that of its surroundings ({CONTEXT_SHELL} voxels) and its volume,"
+                if recipe.histogram_context
+                else ","
+            )
+            + " joins its pooled tokens"
             if recipe.histograms
             else ""
         )
@@ -423,6 +437,7 @@ def model_card(
         f"--objective {recipe.objective} --negative-prompts {recipe.negative_prompts} "
         f"--stem {'hierarchical' if recipe.hierarchical_stem else 'patch'} "
         f"--histograms {'on' if recipe.histograms else 'off'} "
+        f"--histogram-context {'on' if recipe.histogram_context else 'off'} "
         f"--heldout-cases {recipe.heldout_cases}",
         "```",
         "",
