@@ -376,7 +376,8 @@ def model_card(
             if recipe.histograms
             else ""
         )
-        + ") trained from scratch with the fVLM objective (normal-sample correction on"
+        + ") trained from scratch with the fVLM objective (normal-sample correction on, a "
+        "no-op here: every normal anatomy trains on its one template text, bench/README.md"
         + (
             "; co-teaching with a second network, the first is shipped"
             if recipe.objective == "fvlm-coteach"
