@@ -68,8 +68,9 @@ HELDOUT_SEED = 100_000
 """First phantom seed of the card's independent held-out set (case i: seed + i), far from any
 recipe's own block ``[seed, seed + cases)`` — a recipe that would reach it is refused."""
 CONTEXT_SHELL = 2
-"""``histogram_shell`` (voxels) of a recipe with ``histogram_context``: 3–6 mm on the model's
-3 × 1 × 1 mm grid, the pleural space and pericardium beside the lung and heart masks."""
+"""``histogram_shell`` (voxels) of a recipe with ``histogram_context``: 2 mm in-plane and 6 mm
+across slices on the model's 3 × 1 × 1 mm grid, the pleural space and pericardium beside the
+lung and heart masks (1 and 4 voxels carried the same in ``bench/histogram_probe.py``)."""
 
 
 NEGATIVE_PROMPTS = ("release", "normal-template", "text-selected", "val-selected")
