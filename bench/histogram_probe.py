@@ -27,7 +27,6 @@ bootstrap 95 % interval over held-out cases. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,32 +46,31 @@ from fvlm_pacs.evaluation import roc_auc  # noqa: E402
 from fvlm_pacs.model.dataset import read_synthetic  # noqa: E402
 from fvlm_pacs.model.histogram import HISTOGRAM_EDGES, anatomy_histograms  # noqa: E402
 from fvlm_pacs.model.intensity import scale_hu  # noqa: E402
-from fvlm_pacs.model.zeroshot_eval import dataset_split  # noqa: E402
+from fvlm_pacs.model.zeroshot_eval import dataset_split, load_case  # noqa: E402
 
 PROFILE = "ct-rate"
 
 
 def case_features(
-    folder: Path, num_anatomies: int, shell: int
+    folder: Path, anatomies: tuple[str, ...], shell: int
 ) -> tuple[np.ndarray, dict[str, int]]:
     """float [K, F] features of one synthetic case (own, surroundings, volume) and its labels."""
-    with np.load(folder / "case.npz") as data:
-        image = torch.from_numpy(scale_hu(data["hu"].astype(np.float32)))[None, None]
-        labels = torch.from_numpy(data["labels"].astype(np.int64))[None]
+    volume, labelmap, truth = load_case(folder, anatomies)
+    image = torch.from_numpy(scale_hu(np.asarray(volume.voxels.array)))[None, None]
+    labels = torch.from_numpy(np.asarray(labelmap.array).astype(np.int64))[None]
     feats = anatomy_histograms(
-        image, labels, num_anatomies, HISTOGRAM_EDGES, shell=shell, volume=True
+        image, labels, len(anatomies), HISTOGRAM_EDGES, shell=shell, volume=True
     )
-    meta = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
-    return feats[0].numpy(), {k: int(v) for k, v in meta["findings"].items()}
+    return feats[0].numpy(), truth
 
 
 def collect(
-    root: Path, cases: tuple[str, ...], num_anatomies: int, shell: int
+    root: Path, cases: tuple[str, ...], anatomies: tuple[str, ...], shell: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """[N, K, F] features and per-finding labels of ``cases`` under ``root``."""
     rows, truth = [], []
     for cid in cases:
-        f, t = case_features(root / cid, num_anatomies, shell)
+        f, t = case_features(root / cid, anatomies, shell)
         rows.append(f)
         truth.append(t)
     names = sorted({n for t in truth for n in t})
@@ -96,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--shell: at least 1 voxel")
 
     anatomies = load_anatomies(PROFILE)
-    findings = [f for f in load_findings(anatomies) if f.anatomy in anatomies.names]
-    k = len(anatomies.names)
+    findings = load_findings(anatomies)
     split = dataset_split(args.train / "manifest.csv", args.split_seed)
     train_cases = tuple(split.train[: args.train_cases])
     held_cases = tuple(c.case_id for c in read_synthetic(args.heldout / "manifest.csv"))
@@ -105,17 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--train and --heldout must be different phantom sets")
 
     t0 = time.perf_counter()
-    x_tr, y_tr = collect(args.train, train_cases, k, args.shell)
-    x_te, y_te = collect(args.heldout, held_cases, k, args.shell)
+    x_tr, y_tr = collect(args.train, train_cases, anatomies.names, args.shell)
+    x_te, y_te = collect(args.heldout, held_cases, anatomies.names, args.shell)
     feat_s = time.perf_counter() - t0
     own = len(HISTOGRAM_EDGES) + 1
     sets = {"own": slice(0, own), "+surroundings,volume": slice(0, None)}
 
-    names = [f.name for f in findings if f.name in y_te and f.name in y_tr]
+    findings = tuple(f for f in findings if f.name in y_te and f.name in y_tr)
+    names = [f.name for f in findings]
     columns: dict[str, dict[str, np.ndarray]] = {c: {} for c in sets}
     for f in findings:
-        if f.name not in names:
-            continue
         a = anatomies.names.index(f.anatomy)
         for c, cols in sets.items():
             s = probe_scores(x_tr[:, a, cols], y_tr[f.name], x_te[:, a, cols], args.seed)
