@@ -58,7 +58,7 @@ from fvlm_pacs.model.prompt_selection import (  # noqa: E402
     training_texts,
 )
 from fvlm_pacs.model.provenance import training_overlap  # noqa: E402
-from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases  # noqa: E402
+from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases_shared  # noqa: E402
 from fvlm_pacs.reports import normal_text  # noqa: E402
 
 
@@ -94,13 +94,13 @@ def image_side(
     sets: dict[str, tuple[FindingDefinition, ...]],
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """({set: scores per finding}, labels per finding) over ``cases``."""
-    scores, labels = {}, {}
-    for name, defs in sets.items():
-        p = Predictor(weights, device="cpu", findings=defs)
-        s = score_cases(p, root, cases)
-        scores[name] = {d.name: s.scores[d.name] for d in defs}
-        labels = {d.name: s.labels[d.name] for d in defs}  # the same cases for every set
-    return scores, labels
+    predictors = [Predictor(weights, device="cpu", findings=defs) for defs in sets.values()]
+    scored = score_cases_shared(predictors, root, cases)  # each case encoded once
+    scores = {
+        name: {d.name: s.scores[d.name] for d in defs}
+        for (name, defs), s in zip(sets.items(), scored, strict=True)
+    }
+    return scores, dict(scored[0].labels)  # the same cases and findings in every set
 
 
 def mean(values: dict[str, float | None]) -> float:

@@ -237,6 +237,29 @@ def test_labelmap_with_other_anatomies_is_refused(predictor, case) -> None:
         predictor.predict(vol, other)
 
 
+def test_one_encoding_scores_another_prompt_table_of_the_same_weights(
+    result, predictor, model_dir, case, tmp_path
+) -> None:
+    """encode/score split: the same findings as run; a second table (other negatives) scored
+    on that encoding equals its own run; other weights' embeddings are refused."""
+    encoded = predictor.encode(*case)
+    again = predictor.score(encoded)
+    assert [f.score for f in again.findings] == [f.score for f in result.findings]
+    assert again.not_assessable == result.not_assessable and again.crops == result.crops
+    other_negatives = tuple(
+        dataclasses.replace(f, negative=f"No {f.name.lower()} is seen.") for f in predictor.findings
+    )
+    copy = Path(shutil.copytree(model_dir, tmp_path / "m"))  # new prompts: not in the shared bank
+    other = Predictor(copy, device="cpu", findings=other_negatives)
+    shared = [f.score for f in other.score(encoded).findings]
+    own = [f.score for f in other.run(*case).findings]
+    assert shared == pytest.approx(own, abs=1e-6)
+    assert shared != pytest.approx([f.score for f in result.findings], abs=1e-3)
+    foreign = Predictor(build_model_dir(tmp_path / "other", seed=1), device="cpu")
+    with pytest.raises(ValueError, match="other weights"):
+        foreign.score(encoded)
+
+
 # -- prompt bank -----------------------------------------------------------------------------
 def test_warm_bank_never_calls_the_text_encoder(predictor, model_dir, monkeypatch) -> None:
     assert (model_dir / BANK_FILE).is_file()  # written by the first predictor

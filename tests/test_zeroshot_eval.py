@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from fvlm_pacs.evaluation import roc_auc
 from fvlm_pacs.model import Predictor
 from fvlm_pacs.model.config import RELEASED_ANATOMIES
 from fvlm_pacs.model.predictor import load_thresholds
-from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases
+from fvlm_pacs.model.zeroshot_eval import dataset_split, score_cases, score_cases_shared
 from fvlm_pacs.phantoms import PhantomSpec, write_dataset
+from fvlm_pacs.reports import normal_text
 from tests.test_predictor import build_model_dir
 
 
@@ -49,6 +51,29 @@ def test_score_cases_collects_scores_and_truth(model_dir: Path, data: Path) -> N
         assert scores.shape == (2,) and np.isfinite(scores).all(), name
         truth = json.loads((data / ids[0] / "labels.json").read_text())["findings"][name]
         assert got.labels[name][0] == truth
+
+
+def test_shared_scoring_equals_one_pass_per_table(model_dir: Path, data: Path) -> None:
+    """Two prompt tables on one encoding per case give each table's own score_cases."""
+    first = Predictor(model_dir, device="cpu", mode="single")
+    template = tuple(
+        dataclasses.replace(f, negative=normal_text(f.anatomy)) for f in first.findings
+    )
+    second = Predictor(model_dir, device="cpu", mode="single", findings=template)
+    ids = ("case_00000", "case_00001", "case_00002")
+    shared = score_cases_shared((first, second), data, ids)
+    for p, got in zip((first, second), shared, strict=True):
+        alone = score_cases(p, data, ids)
+        assert got.case_ids == ids and got.labels.keys() == alone.labels.keys()
+        for name in alone.scores:
+            np.testing.assert_allclose(got.scores[name], alone.scores[name], rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(got.labels[name], alone.labels[name])
+    assert any(
+        not np.allclose(shared[0].scores[n], shared[1].scores[n], atol=1e-3)
+        for n in shared[0].scores
+    )
+    with pytest.raises(ValueError, match="no predictor"):
+        score_cases_shared((), data, ids)
 
 
 def test_cli_calibrate_then_eval(model_dir: Path, data: Path, tmp_path: Path) -> None:

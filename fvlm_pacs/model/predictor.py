@@ -26,6 +26,8 @@ bank is filled too.
 
 Results: :meth:`Predictor.run` returns a :class:`Prediction` (findings + per-stage timings + why
 each unassessable anatomy was so); :meth:`Predictor.predict` returns just the findings.
+:meth:`Predictor.run` is :meth:`Predictor.score` of :meth:`Predictor.encode`; the two halves are
+public so that predictors of the same weights with other prompt tables can score one encoding.
 Scoring runs on CPU in float32 whatever the device, so thresholds mean the same on GPU and CPU
 up to the encoder's own (bf16) rounding.
 
@@ -103,6 +105,24 @@ class Prediction:
             "not_assessable": dict(self.not_assessable),
             "crops": self.crops,
         }
+
+
+@dataclass(frozen=True)
+class EncodedSeries:
+    """One series through the image encoder (:meth:`Predictor.encode`), ready to be scored
+    against any prompt table of the same weights (:meth:`Predictor.score`).
+
+    ``crops`` pairs each assessable crop with its [K, E] float32 anatomy embeddings;
+    ``voxels`` counts each label's voxels on the model grid and ``source_labels`` is the label
+    map as given (both only to say why an anatomy could not be assessed); ``timings`` has
+    ``preprocess`` and ``encode`` seconds.
+    """
+
+    model_sha256: str
+    crops: tuple[tuple[AnatomyCrop, torch.Tensor], ...]
+    voxels: np.ndarray
+    source_labels: np.ndarray
+    timings: dict[str, float]
 
 
 def native_bf16_cpu() -> bool:
@@ -401,10 +421,20 @@ class Predictor:
         return list(self.run(volume, labelmap).findings)
 
     def run(self, volume: Volume, labelmap: LabelMap) -> Prediction:
-        """Score every finding of the model's anatomies on one volume.
+        """Score every finding of the model's anatomies on one volume: :meth:`score` of
+        :meth:`encode`.
 
         ``labelmap`` must be on ``volume``'s grid and name exactly the model's anatomies in the
         model's order (label k = ``anatomies[k - 1]``); otherwise :class:`ValueError`.
+        """
+        return self.score(self.encode(volume, labelmap))
+
+    def encode(self, volume: Volume, labelmap: LabelMap) -> EncodedSeries:
+        """The image side of :meth:`run`: model grid, crops, the image encoder; no prompts.
+
+        Separate so that several prompt tables can be scored on one encoding (prompt
+        selection scores each candidate table on the same validation images): the encoder is
+        nearly all of a study's time, the scoring a few milliseconds.
         """
         if tuple(labelmap.anatomies) != self.anatomies:
             raise ValueError(
@@ -412,8 +442,7 @@ class Predictor:
                 f"({', '.join(self.anatomies)}); label k must be the model's k-th anatomy"
             )
         t0 = time.perf_counter()
-        k = len(self.anatomies)
-        grid = to_model_grid(volume, np.asarray(labelmap.array), k)
+        grid = to_model_grid(volume, np.asarray(labelmap.array), len(self.anatomies))
         crops = [context_crop(grid)] if self.mode == "single" else anatomy_crops(grid)
         crops = [c for c in crops if c.assessable]
         groups = group_by_shape(crops)
@@ -426,27 +455,46 @@ class Predictor:
                 emb = self._encode(chunk)
                 embeddings.extend(zip(chunk, emb, strict=True))
         t2 = time.perf_counter()
-
-        findings, reasons = self._score(embeddings, grid.voxels, np.asarray(labelmap.array))
-        t3 = time.perf_counter()
-        timings = {"preprocess": t1 - t0, "encode": t2 - t1, "score": t3 - t2, "total": t3 - t0}
         log.info(
-            "series %s: %d crops in %d group(s), %d/%d anatomies assessable; "
-            "preprocess %.2f s, encode %.2f s, score %.3f s",
+            "series %s: %d crops in %d group(s); preprocess %.2f s, encode %.2f s",
             volume.series_instance_uid,
             len(crops),
             len(groups),
-            k - len(reasons),
-            k,
-            timings["preprocess"],
-            timings["encode"],
+            t1 - t0,
+            t2 - t1,
+        )
+        return EncodedSeries(
+            model_sha256=self.info.sha256,
+            crops=tuple(embeddings),
+            voxels=grid.voxels,
+            source_labels=np.asarray(labelmap.array),
+            timings={"preprocess": t1 - t0, "encode": t2 - t1},
+        )
+
+    def score(self, encoded: EncodedSeries) -> Prediction:
+        """The prompt side of :meth:`run` on an :meth:`encode` result of a predictor with the
+        same weights (another prompt table is fine; other weights are a :class:`ValueError`)."""
+        if encoded.model_sha256 != self.info.sha256:
+            raise ValueError(
+                f"encoded by weights {encoded.model_sha256[:12]}, this predictor's are "
+                f"{self.info.sha256[:12]}: embeddings of other weights cannot be scored"
+            )
+        t0 = time.perf_counter()
+        embeddings = list(encoded.crops)
+        findings, reasons = self._score(embeddings, encoded.voxels, encoded.source_labels)
+        timings = {**encoded.timings, "score": time.perf_counter() - t0}
+        timings["total"] = timings["preprocess"] + timings["encode"] + timings["score"]
+        log.info(
+            "%d/%d anatomies assessable; score %.3f s",
+            len(self.anatomies) - len(reasons),
+            len(self.anatomies),
             timings["score"],
         )
         return Prediction(
             findings=tuple(findings),
             timings=timings,
             not_assessable=reasons,
-            crops=len(crops),
+            crops=len(embeddings),
             embeddings=self._mean_embeddings(embeddings),
         )
 

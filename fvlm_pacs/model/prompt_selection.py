@@ -50,7 +50,7 @@ from .fvlm import FvlmModel
 from .model_prompts import PROMPTS_FILE, write_model_prompts
 from .predictor import Predictor, anatomy_table_for
 from .train import TrainConfig
-from .zeroshot_eval import LabelledScores, score_cases
+from .zeroshot_eval import LabelledScores, score_cases_shared
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +270,8 @@ def select_on_images(
     model_dir: Path, root: Path, cases: tuple[str, ...], device: str = "cpu"
 ) -> tuple[tuple[NegativeChoice, ...], LabelledScores]:
     """Score ``cases`` (labelled phantoms of the synthetic layout, e.g. the validation part)
-    through the model folder's :class:`~fvlm_pacs.model.Predictor` once per candidate negative,
-    keep per finding the better one (:func:`select_negatives_on_images`) in its
+    through the model folder's :class:`~fvlm_pacs.model.Predictor` with each candidate negative
+    (each image encoded once, :func:`score_cases_shared`), keep per finding the better one (:func:`select_negatives_on_images`) in its
     ``prompts.yaml``, and return the choices with the scores of the chosen prompts — what
     calibration on the same cases needs (a finding's score depends on its own pair only, so
     no third pass)."""
@@ -279,10 +279,9 @@ def select_on_images(
     # the candidates in candidate_negatives' order: the table's, then the normal template
     template = tuple(dataclasses.replace(d, negative=candidate_negatives(d)[-1]) for d in table)
     (model_dir / PROMPTS_FILE).unlink(missing_ok=True)  # score the candidates, not an old choice
-    scored = [
-        score_cases(Predictor(model_dir, device=device, findings=s), root, cases)
-        for s in (table, template)
-    ]
+    scored = score_cases_shared(
+        [Predictor(model_dir, device=device, findings=s) for s in (table, template)], root, cases
+    )
     choices = select_negatives_on_images(table, [s.scores for s in scored], scored[0].labels)
     write_choices(model_dir / PROMPTS_FILE, choices)
     picked = {

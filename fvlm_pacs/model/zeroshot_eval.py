@@ -12,13 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 
-from fvlm_pacs.domain import LabelMap, Volume
+from fvlm_pacs.domain import Finding, LabelMap, Volume
 from fvlm_pacs.evaluation import Split, scores_from_findings, split_cases
 from fvlm_pacs.model.predictor import Predictor
 from fvlm_pacs.segmentation.base import SegmentationProvider
@@ -94,19 +95,41 @@ def score_cases(
     volume is segmented by it, as a study is when served — what the model scores then depends
     on the segmenter too (the anatomy HU histograms most: a mask that strays into bone adds
     bone to them)."""
-    findings = []
-    truth: dict[str, list[int]] = {f.name: [] for f in predictor.findings}
+    return score_cases_shared((predictor,), root, case_ids, segmentation)[0]
+
+
+def score_cases_shared(
+    predictors: Sequence[Predictor],
+    root: Path,
+    case_ids: tuple[str, ...],
+    segmentation: SegmentationProvider | None = None,
+) -> tuple[LabelledScores, ...]:
+    """:func:`score_cases` for several predictors of the same weights (e.g. candidate prompt
+    tables), one per result: each case is encoded once, by the first, and scored by all —
+    the encoder is nearly all of the time, so N tables cost about one pass, not N."""
+    if not predictors:
+        raise ValueError("score_cases_shared: no predictor")
+    first = predictors[0]
+    findings: list[list[list[Finding]]] = [[] for _ in predictors]
+    truth: list[dict[str, list[int]]] = [{f.name: [] for f in p.findings} for p in predictors]
     for i, cid in enumerate(case_ids, start=1):
-        volume, labelmap, labels = load_case(root / cid, predictor.anatomies)
+        volume, labelmap, labels = load_case(root / cid, first.anatomies)
         if segmentation is not None:
             labelmap = segmentation.segment(volume, ())
-        findings.append(predictor.predict(volume, labelmap))
-        for name in truth:
-            truth[name].append(labels.get(name, 0))
+        encoded = first.encode(volume, labelmap)
+        for p, out, names in zip(predictors, findings, truth, strict=True):
+            out.append(list(p.score(encoded).findings))
+            for name in names:
+                names[name].append(labels.get(name, 0))
         log.info("scored %s (%d/%d)", cid, i, len(case_ids))
-    scores = scores_from_findings(findings)
-    return LabelledScores(
-        case_ids=case_ids,
-        scores={name: scores.get(name, np.full(len(case_ids), np.nan)) for name in truth},
-        labels={name: np.asarray(v, dtype=np.int8) for name, v in truth.items()},
-    )
+    results = []
+    for out, names in zip(findings, truth, strict=True):
+        scores = scores_from_findings(out)
+        results.append(
+            LabelledScores(
+                case_ids=case_ids,
+                scores={n: scores.get(n, np.full(len(case_ids), np.nan)) for n in names},
+                labels={n: np.asarray(v, dtype=np.int8) for n, v in names.items()},
+            )
+        )
+    return tuple(results)
