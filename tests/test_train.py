@@ -19,12 +19,18 @@ from fvlm_pacs.cli import main
 from fvlm_pacs.errors import ConfigError
 from fvlm_pacs.model import FvlmModel, Predictor
 from fvlm_pacs.model import dataset as dataset_module
-from fvlm_pacs.model.dataset import ManifestDataset, collate, orient_fpl, read_nifti
+from fvlm_pacs.model.dataset import (
+    ManifestDataset,
+    collate,
+    keep_sentences,
+    orient_fpl,
+    read_nifti,
+)
 from fvlm_pacs.model.intensity import INPUT_HU_CEILING, scale_hu
 from fvlm_pacs.model.provenance import TRAINING_CASES_FILE
 from fvlm_pacs.model.train import TrainConfig, lr_factor, train
 from fvlm_pacs.phantoms import FINDINGS, PhantomSpec, write_dataset
-from fvlm_pacs.reports import RuleBasedDecomposer, normal_text, split_report
+from fvlm_pacs.reports import RuleBasedDecomposer, normal_text, split_report, split_sentences
 from tests.helpers import free_port
 
 SMALL = PhantomSpec(shape=(32, 48, 64), spacing=(3.0, 2.0, 2.0))
@@ -104,6 +110,45 @@ def test_normal_wording_report_keeps_the_reports_own_sentences(synth: Path) -> N
         ManifestDataset(synth, normal_wording="free")
     with pytest.raises(ConfigError, match="normal_wording"):
         TrainConfig(manifest=Path("m.csv"), out_dir=Path("o"), normal_wording="free")
+
+
+def test_sentence_keep_draws_subsets_of_abnormal_texts_only(synth: Path) -> None:
+    """Abnormal texts become non-empty in-order subsets of their sentences, varying by draw and
+    reproducible per draw; normal templates, images and the evaluation view never change."""
+    whole = ManifestDataset(synth, crop=(32, 64, 64), seed=1)
+    half = ManifestDataset(synth, crop=(32, 64, 64), seed=1, sentence_keep=0.5)
+    shortened = 0
+    for i in range(len(half)):
+        t = whole.texts(i)
+        seen = set()
+        for draw in range(8):
+            a, b = whole[(i, draw)], half[(i, draw)]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
+            assert b["texts"] == half[(i, draw)]["texts"]  # a pure function of the draw
+            for k in range(len(t.texts)):
+                if t.normal[k]:
+                    assert b["texts"][k] == t.texts[k]
+                    continue
+                full = split_sentences(t.texts[k])
+                got = split_sentences(b["texts"][k])
+                assert got and got == [s for s in full if s in got]  # a subset, in order
+                shortened += len(got) < len(full)
+                seen.add(b["texts"][k])
+        if any(not n and len(split_sentences(x)) > 2 for x, n in zip(t.texts, t.normal)):
+            assert len(seen) > 1
+    assert shortened > 0
+    assert ManifestDataset(synth, train=False, sentence_keep=0.5)[0]["texts"] == list(
+        whole.texts(0).texts
+    )
+    one = np.random.default_rng(0)
+    assert keep_sentences("Only one.", 0.01, one) == "Only one."
+    assert len(split_sentences(keep_sentences("A b. C d. E f.", 1e-9, one))) == 1
+    with pytest.raises(ValueError, match="sentence_keep"):
+        ManifestDataset(synth, sentence_keep=0.0)
+    with pytest.raises(ConfigError, match="sentence_keep"):
+        TrainConfig(manifest=Path("m.csv"), out_dir=Path("o"), sentence_keep=1.5)
+    cfg = TrainConfig(manifest=synth, out_dir=Path("o"), sentence_keep=0.5)
+    assert cfg.dataset().sentence_keep == 0.5
 
 
 def test_flips_apply_to_image_and_labels_together(small: Path, tmp_path: Path) -> None:

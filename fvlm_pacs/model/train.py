@@ -124,6 +124,7 @@ class TrainConfig:
     coteach_alpha: float = 0.5
     patch_lr_scale: float = 1.0
     normal_wording: str = "template"
+    sentence_keep: float = 1.0
 
     def __post_init__(self) -> None:
         for key in ("manifest", "out_dir", "text_dir", "init_from", "cache_dir"):
@@ -149,6 +150,8 @@ class TrainConfig:
             raise ConfigError(
                 f"normal_wording: must be one of {NORMAL_WORDINGS}, got {self.normal_wording!r}"
             )
+        if not 0.0 < self.sentence_keep <= 1.0:
+            raise ConfigError(f"sentence_keep: must be in (0, 1], got {self.sentence_keep}")
         if not 0.0 < self.patch_lr_scale <= 1.0:
             raise ConfigError(f"patch_lr_scale: must be in (0, 1], got {self.patch_lr_scale}")
         if not 0.0 <= self.coteach_alpha <= 1.0:
@@ -192,6 +195,7 @@ class TrainConfig:
             flip_p=self.flip_p,
             resample=self.resample,
             normal_wording=self.normal_wording,
+            sentence_keep=self.sentence_keep,
         )
 
     def to_dict(self) -> dict[str, Any]:
