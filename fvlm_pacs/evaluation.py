@@ -148,6 +148,36 @@ def roc_auc(scores: ScoresLike, labels: ArrayLike) -> float | None:
     return u / (n_pos * n_neg)
 
 
+def co_finding_auc(
+    scores: Mapping[str, ScoresLike],
+    labels: Mapping[str, ArrayLike],
+    anatomy_of: Mapping[str, str],
+) -> dict[str, float | None]:
+    """Per finding, the AUC over only the cases whose anatomy holds *another* finding.
+
+    Why: an anatomy-level model can score "this anatomy is abnormal" instead of the finding
+    asked for. Where findings co-occur (most abnormal lungs carry several) such a score still
+    earns a fair AUC over all cases — the healthy anatomies rank low — but near chance among the
+    abnormal ones, which is where a worklist needs it. This is that second number: the cases
+    where at least one other finding of the same anatomy (``anatomy_of``: finding → anatomy)
+    is labelled 1. ``None`` where those cases lack a class; not-assessable cases drop out as in
+    :func:`roc_auc`.
+    """
+    _check_keys(scores, labels)
+    out: dict[str, float | None] = {}
+    for name in scores:
+        if name not in anatomy_of:
+            raise ValueError(f"anatomy_of: no anatomy for finding {name!r}")
+        others = [m for m in labels if m != name and anatomy_of.get(m) == anatomy_of[name]]
+        y = np.asarray(labels[name])
+        keep = np.zeros(y.shape, dtype=bool)
+        for m in others:
+            keep |= np.asarray(labels[m]) == 1
+        s = np.array([math.nan if v is None else v for v in scores[name]], dtype=np.float64)
+        out[name] = roc_auc(s[keep], y[keep]) if keep.any() else None
+    return out
+
+
 def bootstrap_auc_ci(
     scores: ScoresLike,
     labels: ArrayLike,

@@ -19,6 +19,7 @@ from fvlm_pacs.evaluation import (
     bootstrap_auc_ci,
     calibrate,
     calibrate_threshold,
+    co_finding_auc,
     evaluate,
     roc_auc,
     roc_curve,
@@ -117,6 +118,29 @@ def test_nan_scores_are_not_assessable() -> None:
 
 
 # -- bootstrap ------------------------------------------------------------------------------
+
+
+def test_co_finding_auc_keeps_the_cases_with_another_finding_of_the_anatomy() -> None:
+    """An 'abnormal lung' score: better than chance over all cases, chance among the lungs
+    that hold another finding."""
+    labels = {
+        "a": np.array([1, 0, 1, 0, 0, 1]),
+        "b": np.array([0, 1, 1, 1, 0, 0]),  # lung, with a
+        "c": np.array([0, 0, 0, 1, 1, 0]),  # heart: never counts for a or b
+    }
+    abnormal = [0.9, 0.9, 0.9, 0.9, 0.1, 0.9]  # any lung finding -> 0.9
+    scores = {"a": abnormal, "b": [0.2, 0.8, None, 0.7, 0.1, 0.3], "c": [0.1] * 6}
+    anatomy_of = {"a": "lung", "b": "lung", "c": "heart"}
+    got = co_finding_auc(scores, labels, anatomy_of)
+    assert roc_auc(abnormal, labels["a"]) == pytest.approx(2 / 3)  # the healthy lung ranks low
+    assert got["a"] == 0.5  # cases 1, 2, 3 (b present): a tie at 0.9 for all three
+    # b among the cases with a (0, 2, 5): 2 is not assessable, so 0 and 5 are both negatives
+    assert got["b"] is None
+    assert got["c"] is None  # heart has no other finding
+    scores["b"] = [0.2, 0.8, 0.9, 0.7, 0.1, 0.3]
+    assert co_finding_auc(scores, labels, anatomy_of)["b"] == 1.0  # 0.9 above 0.2 and 0.3
+    with pytest.raises(ValueError, match="anatomy_of"):
+        co_finding_auc(scores, labels, {"a": "lung", "b": "lung"})
 
 
 def test_bootstrap_ci_contains_estimate_and_is_deterministic() -> None:
