@@ -173,7 +173,7 @@ def co_finding_auc(
         keep = np.zeros(y.shape, dtype=bool)
         for m in others:
             keep |= np.asarray(labels[m]) == 1
-        s = np.array([math.nan if v is None else v for v in scores[name]], dtype=np.float64)
+        s = np.asarray(scores[name], dtype=np.float64)  # None -> NaN: not assessable
         out[name] = roc_auc(s[keep], y[keep]) if keep.any() else None
     return out
 
