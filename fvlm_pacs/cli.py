@@ -559,7 +559,9 @@ def _zero_shot(args: argparse.Namespace) -> int:
         write_thresholds(out, found, predictor.info.sha256, predictor.prompt_pairs())
         print(f"{len(found)} thresholds from {len(ids)} {args.split} cases written to {out}")
         return 0
-    report = evaluate(scored.scores, scored.labels, predictor.thresholds)
+    report = evaluate(
+        scored.scores, scored.labels, predictor.thresholds, anatomy_of=predictor.anatomy_of()
+    )
     doc = report.as_dict()
     doc["inference"] = predictor.arithmetic()
     args.json_out.write_text(json.dumps(doc, indent=2))

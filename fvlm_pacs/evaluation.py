@@ -494,7 +494,8 @@ class FindingEval:
     ``n``: assessable cases evaluated (``n_pos`` + ``n_neg``); ``n_not_assessable``: cases
     excluded for a non-finite score. ``threshold_source``: ``"given"`` (calibrated elsewhere, the
     honest case) or ``"optimistic"`` (calibrated on these same cases). ``metrics`` is None when no
-    threshold could be had.
+    threshold could be had. ``co_finding_auc``: :func:`co_finding_auc` when the evaluation was
+    told each finding's anatomy, else None.
     """
 
     finding: str
@@ -508,6 +509,7 @@ class FindingEval:
     threshold_source: str | None
     metrics: BinaryMetrics | None
     roc: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    co_finding_auc: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -521,6 +523,7 @@ class FindingEval:
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "metrics": self.metrics.as_dict() if self.metrics is not None else None,
+            "co_finding_auc": self.co_finding_auc,
         }
 
 
@@ -539,6 +542,12 @@ class EvalReport:
         return float(np.mean(aucs)) if aucs else None
 
     @property
+    def mean_co_finding_auc(self) -> float | None:
+        """Mean of the defined :attr:`FindingEval.co_finding_auc` (None when none is)."""
+        values = [f.co_finding_auc for f in self.findings if f.co_finding_auc is not None]
+        return float(np.mean(values)) if values else None
+
+    @property
     def optimistic(self) -> bool:
         """True when any threshold was calibrated on the evaluated data itself."""
         return any(f.threshold_source == "optimistic" for f in self.findings)
@@ -547,6 +556,7 @@ class EvalReport:
         return {
             "mean_auc": self.mean_auc,
             "n_findings_with_auc": sum(f.auc is not None for f in self.findings),
+            "mean_co_finding_auc": self.mean_co_finding_auc,
             "optimistic_thresholds": self.optimistic,
             "ci_level": 1.0 - self.alpha,
             "n_bootstrap": self.n_bootstrap,
@@ -568,10 +578,12 @@ class EvalReport:
                 "themselves; their sensitivity/specificity overstate performance.",
                 "",
             ]
+        co = self.mean_co_finding_auc is not None
         lines += [
             f"| finding | n | pos | not assessable | AUC ({level} % CI) | threshold "
-            "| sensitivity | specificity | accuracy | F1 (weighted) |",
-            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+            "| sensitivity | specificity | accuracy | F1 (weighted) |"
+            + (" AUC, another finding present |" if co else ""),
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if co else ""),
         ]
         for f in self.findings:
             if f.auc is None:
@@ -596,6 +608,8 @@ class EvalReport:
                 _fmt(m.accuracy if m else None),
                 _fmt(m.f1_weighted if m else None),
             ]
+            if co:
+                cells.append(_fmt(f.co_finding_auc))
             lines.append("| " + " | ".join(cells) + " |")
         mean = self.mean_auc
         with_auc = sum(f.auc is not None for f in self.findings)
@@ -604,6 +618,13 @@ class EvalReport:
             f"Mean AUC over {with_auc} finding(s) with a defined AUC: "
             + ("n/a" if mean is None else f"{mean:.3f}"),
         ]
+        if co:
+            lines += [
+                "",
+                "AUC, another finding present: over only the cases whose anatomy holds another "
+                "finding — near 0.5 where a score says 'abnormal anatomy' rather than the "
+                f"finding; mean {self.mean_co_finding_auc:.3f}.",
+            ]
         return "\n".join(lines) + "\n"
 
     def save_roc_png(self, path: str | Path) -> Path:
@@ -644,8 +665,10 @@ def evaluate(
     n_bootstrap: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    anatomy_of: Mapping[str, str] | None = None,
 ) -> EvalReport:
-    """Evaluate every finding: counts, AUC with bootstrap CI, metrics at its threshold.
+    """Evaluate every finding: counts, AUC with bootstrap CI, metrics at its threshold, and,
+    given ``anatomy_of`` (finding → anatomy), :func:`co_finding_auc`.
 
     ``thresholds``: calibrated on *other* data (the validation split) — then every finding must
     have one (a missing one is a :class:`ValueError`). ``None``: each threshold is calibrated on
@@ -660,6 +683,7 @@ def evaluate(
                 f"thresholds: none for finding(s) {', '.join(missing)} "
                 "(pass thresholds=None for optimistic, self-calibrated ones)"
             )
+    co = co_finding_auc(scores, labels, anatomy_of) if anatomy_of is not None else {}
     results: list[FindingEval] = []
     for name in scores:
         s, y, n_na = _clean_named(name, scores[name], labels[name])
@@ -694,6 +718,7 @@ def evaluate(
                 threshold_source=source,
                 metrics=metrics,
                 roc=roc,
+                co_finding_auc=co.get(name),
             )
         )
     return EvalReport(findings=tuple(results), n_bootstrap=n_bootstrap, alpha=alpha, seed=seed)

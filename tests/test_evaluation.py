@@ -141,6 +141,15 @@ def test_co_finding_auc_keeps_the_cases_with_another_finding_of_the_anatomy() ->
     assert co_finding_auc(scores, labels, anatomy_of)["b"] == 1.0  # 0.9 above 0.2 and 0.3
     with pytest.raises(ValueError, match="anatomy_of"):
         co_finding_auc(scores, labels, {"a": "lung", "b": "lung"})
+    told = evaluate(scores, labels, anatomy_of=anatomy_of, n_bootstrap=10)
+    assert [f.co_finding_auc for f in told.findings] == [0.5, 1.0, None]
+    assert told.mean_co_finding_auc == 0.75
+    doc = json.loads(told.to_json())
+    assert doc["mean_co_finding_auc"] == 0.75 and doc["findings"][0]["co_finding_auc"] == 0.5
+    md = told.to_markdown()
+    assert "AUC, another finding present |" in md and "| 0.500 |" in md and "mean 0.750" in md
+    plain = evaluate(scores, labels, n_bootstrap=10)
+    assert plain.mean_co_finding_auc is None and "another finding" not in plain.to_markdown()
 
 
 def test_bootstrap_ci_contains_estimate_and_is_deterministic() -> None:

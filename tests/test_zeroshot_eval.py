@@ -11,7 +11,7 @@ import pytest
 
 from fvlm_pacs.cli import main
 from fvlm_pacs.domain import LabelMap
-from fvlm_pacs.evaluation import roc_auc
+from fvlm_pacs.evaluation import co_finding_auc, roc_auc
 from fvlm_pacs.model import Predictor
 from fvlm_pacs.model.config import RELEASED_ANATOMIES
 from fvlm_pacs.model.predictor import load_thresholds
@@ -99,6 +99,13 @@ def test_cli_calibrate_then_eval(model_dir: Path, data: Path, tmp_path: Path) ->
     for row in result["findings"]:
         expected = roc_auc(scores.scores[row["finding"]], scores.labels[row["finding"]])
         assert row["auc"] == (pytest.approx(expected) if expected is not None else None)
+    # grouped by the predictor's own finding -> anatomy table
+    co = co_finding_auc(scores.scores, scores.labels, predictor.anatomy_of())
+    assert [r["co_finding_auc"] for r in result["findings"]] == [
+        pytest.approx(co[r["finding"]]) if co[r["finding"]] is not None else None
+        for r in result["findings"]
+    ]
+    assert result["mean_co_finding_auc"] is not None  # some lung holds two findings
     assert (tmp_path / "eval.md").exists() and (tmp_path / "eval.png").stat().st_size > 1000
 
 

@@ -262,7 +262,9 @@ def finish_demo(
     )
     predictor = Predictor(staging, device=device)  # reload: the calibrated thresholds apply
     test = score_cases(predictor, root, split.test)
-    report = evaluate(test.scores, test.labels, predictor.thresholds)
+    report = evaluate(
+        test.scores, test.labels, predictor.thresholds, anatomy_of=predictor.anatomy_of()
+    )
     (staging / EVAL_FILE).write_text(report.to_json() + "\n", encoding="utf-8")
     heldout = None
     if recipe.heldout_cases:
@@ -270,7 +272,9 @@ def finish_demo(
         held = write_dataset(recipe.heldout_cases, HELDOUT_SEED, work_dir / "heldout", spec=spec)
         cases = tuple(r.case_id for r in read_synthetic(held))
         scored = score_cases(predictor, held.parent, cases)
-        heldout = evaluate(scored.scores, scored.labels, predictor.thresholds)
+        heldout = evaluate(
+            scored.scores, scored.labels, predictor.thresholds, anatomy_of=predictor.anatomy_of()
+        )
         (staging / HELDOUT_EVAL_FILE).write_text(heldout.to_json() + "\n", encoding="utf-8")
     timings = {**timings, "eval_s": time.perf_counter() - t0}
     seg_metrics: dict[str, Any] | None = None

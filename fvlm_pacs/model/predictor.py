@@ -406,6 +406,10 @@ class Predictor:
 
         return encode
 
+    def anatomy_of(self) -> dict[str, str]:
+        """{finding: anatomy} of the scored findings (what co-finding evaluation groups by)."""
+        return {f.name: f.anatomy for f in self.findings}
+
     def prompt_pairs(self) -> dict[str, tuple[str, str]]:
         """{finding: (positive, negative)} as scored, which calibrated thresholds record."""
         return {f.name: (f.positive, f.negative) for f in self.findings}
