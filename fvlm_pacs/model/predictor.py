@@ -452,7 +452,7 @@ class Predictor:
         groups = group_by_shape(crops)
         t1 = time.perf_counter()
 
-        # per anatomy: probabilities [F_k] from each crop that assesses it
+        # [K, E] anatomy embeddings of every crop; scoring uses those of the anatomies it assesses
         embeddings: list[tuple[AnatomyCrop, torch.Tensor]] = []
         for group in groups:
             for chunk in _chunks(group, self.max_batch):
@@ -477,7 +477,8 @@ class Predictor:
 
     def score(self, encoded: EncodedSeries) -> Prediction:
         """The prompt side of :meth:`run` on an :meth:`encode` result of a predictor with the
-        same weights (another prompt table is fine; other weights are a :class:`ValueError`)."""
+        same weights (another prompt table is fine; other weights are a :class:`ValueError`).
+        The image arithmetic (mode, precision, device) is the encoding predictor's."""
         if encoded.model_sha256 != self.info.sha256:
             raise ValueError(
                 f"encoded by weights {encoded.model_sha256[:12]}, this predictor's are "
