@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fvlm_pacs.model.losses import (
+    QueuedTexts,
     clip_image_embedding,
     clip_loss,
     fvlm_anatomy_loss,
@@ -19,6 +20,7 @@ from fvlm_pacs.model.losses import (
     normalize_text,
     positive_matrix,
 )
+from fvlm_pacs.model.text_queue import TextQueue
 
 NORMAL = "lung shows no significant abnormalities."
 
@@ -152,6 +154,86 @@ def test_without_correction_identical_normal_template_does_not_pair() -> None:
 def test_skip_when_no_abnormal_sample_or_single_sample() -> None:
     assert fvlm_anatomy_loss(t(V3), t(T3), b([True, True, True]), [NORMAL] * 3, 0.5) is None
     assert fvlm_anatomy_loss(t(V3[:1]), t(T3[:1]), b([False]), ["mass"], 0.5) is None
+
+
+# -- text queue -----------------------------------------------------------------------------
+# Two samples (normal, abnormal "A"), three queued texts (the normal template, "A", "B"):
+#   batch S = v·tᵀ / 0.5 with v = t = I; queued columns v·qᵀ / 0.5.
+QV = [[1.0, 0.0], [0.0, 1.0]]
+QUEUE = [[0.6, 0.8], [0.0, 1.0], [0.8, -0.6]]
+QS = [[2.0, 0.0, 1.2, 0.0, 1.6], [0.0, 2.0, 1.6, 2.0, -1.2]]  # [batch | queue] logits
+
+
+def queued(texts: list[str], normal: list[bool]) -> QueuedTexts:
+    return QueuedTexts(t(QUEUE), b(normal), texts)
+
+
+@pytest.mark.parametrize("correction", [True, False])
+def test_queue_joins_the_image_to_text_direction_by_the_same_rules(correction: bool) -> None:
+    q = queued([NORMAL, "A", "B"], [True, False, False])
+    got = fvlm_anatomy_loss(
+        t(QV), t(QV), b([True, False]), [NORMAL, "A"], 0.5, normal_correction=correction, queue=q
+    )
+    # row 0 (normal): itself + the queued normal under the correction; row 1 ("A"): itself +
+    # the queued "A" (identical text, abnormal) whatever the correction
+    y0 = [0.5, 0, 0.5, 0, 0] if correction else [1.0, 0, 0, 0, 0]
+    i2t = hand_ce(QS, [y0, [0, 0.5, 0, 0.5, 0]])
+    t2i = hand_ce(transpose([r[:2] for r in QS]), [[1.0, 0.0], [0.0, 1.0]])
+    assert got is not None and float(got) == pytest.approx(0.5 * (i2t + t2i), abs=1e-12)
+
+
+def test_empty_queue_is_no_queue_and_queue_gets_no_gradient() -> None:
+    v = t(V3).requires_grad_()
+    args = (v, t(T3), b([True, False, False]), [NORMAL, "A", "B"], 0.5)
+    plain = fvlm_anatomy_loss(*args)
+    empty = QueuedTexts(torch.zeros(0, 2, dtype=torch.float64), b([]), [])
+    with_empty = fvlm_anatomy_loss(*args, queue=empty)
+    assert plain is not None and with_empty is not None
+    assert float(with_empty.detach()) == float(plain.detach())
+    q = t(QUEUE).requires_grad_()
+    loss = fvlm_anatomy_loss(*args, queue=QueuedTexts(q, b([True, False, False]), ["x"] * 3))
+    assert loss is not None
+    loss.backward()
+    assert q.grad is None and v.grad is not None
+
+
+def test_queue_arguments_are_checked() -> None:
+    args = (t(QV), t(QV), b([True, False]), [NORMAL, "A"], 0.5)
+    with pytest.raises(ValueError, match="co-teaching"):
+        fvlm_anatomy_loss(*args, peer_logits=t(QV), queue=queued(["a", "b", "c"], [0, 0, 0]))
+    with pytest.raises(ValueError, match="queue"):
+        fvlm_anatomy_loss(*args, queue=queued(["a", "b"], [False, False, False]))
+    with pytest.raises(ValueError, match="queue: 2 anatomies, the embeddings have 1"):
+        fvlm_loss(
+            t([[[1.0, 0.0]]] * 2), t([[[1.0, 0.0]]] * 2), b([[True], [False]]),
+            b([[True], [True]]), [["a"], ["b"]], 0.5, queue=[queued([], []), queued([], [])],
+        )  # fmt: skip
+
+
+def test_text_queue_keeps_the_last_usable_rows_per_anatomy_and_round_trips(tmp_path) -> None:
+    queue = TextQueue(3, anatomies=2, dim=2)
+    emb = torch.arange(16, dtype=torch.float32).reshape(4, 2, 2)
+    normal = b([[True, False], [False, False], [True, True], [False, True]])
+    usable = b([[True, True], [True, False], [True, True], [True, True]])
+    texts = [[f"l{i}", f"h{i}"] for i in range(4)]
+    queue.push(emb[:2], normal[:2], usable[:2], texts[:2])
+    first = queue.queued()
+    assert list(first[0].texts) == ["l0", "l1"] and list(first[1].texts) == ["h0"]
+    queue.push(emb[2:], normal[2:], usable[2:], texts[2:])
+    lung, heart = queue.queued()
+    assert list(lung.texts) == ["l1", "l2", "l3"]  # l0 dropped: at most 3
+    assert torch.equal(lung.emb, emb[1:, 0]) and lung.normal.tolist() == [False, True, False]
+    assert list(heart.texts) == ["h0", "h2", "h3"] and torch.equal(heart.emb, emb[[0, 2, 3], 1])
+    torch.save(queue.state_dict(), tmp_path / "q.pt")
+    again = TextQueue(3, anatomies=2, dim=2)
+    again.load_state_dict(torch.load(tmp_path / "q.pt", weights_only=True))
+    for x, y in zip(queue.queued(), again.queued(), strict=True):
+        assert torch.equal(x.emb, y.emb) and torch.equal(x.normal, y.normal)
+        assert list(x.texts) == list(y.texts)
+    with pytest.raises(ValueError, match="size 3 for 2 anatomies"):
+        TextQueue(4, anatomies=2, dim=2).load_state_dict(queue.state_dict())
+    with pytest.raises(ValueError, match="text_emb"):
+        queue.push(torch.zeros(1, 3, 2), normal[:1], usable[:1], texts[:1])
 
 
 def test_anatomy_loss_rejects_bad_arguments() -> None:

@@ -415,6 +415,33 @@ def test_resume_equals_a_straight_run(small: Path, tmp_path: Path) -> None:
     assert float(opt_a["state"][0]["step"]) == float(opt_b["state"][0]["step"]) == 8
 
 
+def test_text_queue_changes_training_and_resumes_with_its_state(
+    small: Path, tmp_path: Path
+) -> None:
+    """The queue is in the loss (the curve differs from the plain run's after the first step),
+    lives in the checkpoint, and a resumed run continues with it as the straight run did."""
+    kw: dict[str, object] = dict(steps=6, batch_size=4, lr=1e-3, text_queue=6)
+    straight = tmp_path / "straight"
+    train(config(small, straight, **kw))
+    plain = tmp_path / "plain"
+    train(config(small, plain, **{**kw, "text_queue": 0}))
+    a, p = losses(straight), losses(plain)
+    assert a[0] == pytest.approx(p[0], abs=1e-9)  # step 1: the queue is still empty
+    assert a[1:] != pytest.approx(p[1:], abs=1e-4)
+    state = torch.load(straight / "checkpoint.pt", weights_only=True)["text_queue"]
+    assert state["size"] == 6 and any(len(t) == 6 for t in state["texts"])
+    resumed = tmp_path / "resumed"
+    train(config(small, resumed, **kw), stop_after=3)
+    train(config(small, resumed, **kw))
+    assert losses(resumed) == pytest.approx(a, abs=1e-6)
+    with pytest.raises(ConfigError, match="saved without a text queue"):
+        train(config(small, plain, **{**kw, "steps": 8}))
+    with pytest.raises(ConfigError, match="text_queue: only with the fvlm objectives"):
+        config(small, tmp_path / "x", text_queue=4, objective="fvlm-coteach")
+    with pytest.raises(ConfigError, match="text_queue: must be >= 0"):
+        config(small, tmp_path / "x", text_queue=-1)
+
+
 def test_cli_train(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "train.yaml"
     cfg.write_text(
@@ -461,27 +488,32 @@ def test_cli_train(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="loopback is 'lo' on Linux only")
-@pytest.mark.parametrize("objective", ["fvlm", "fvlm-coteach"])
+@pytest.mark.parametrize(("objective", "queue"), [("fvlm", 0), ("fvlm-coteach", 0), ("fvlm", 4)])
 def test_two_rank_ddp_equals_one_process_on_the_same_global_batch(
-    small: Path, tmp_path: Path, objective: str
+    small: Path, tmp_path: Path, objective: str, queue: int
 ) -> None:
     """``torchrun`` with 2 CPU ranks (gloo, loopback) × batch 2 trains the same model as one
     process × batch 4: same samples and augmentation draws per step (StepBatches), embeddings
     all-gathered into one loss, DDP averaging the gradients. Dropout is off so both runs consume
-    no randomness that depends on how the batch is split. Co-teaching wraps both networks."""
+    no randomness that depends on how the batch is split. Co-teaching wraps both networks; with
+    a text queue every rank pushes the gathered batch, so the ranks' queues are the single's."""
     from fvlm_pacs.model.config import tiny
 
     model = tiny(vocab_size=300).to_dict()
     model["pool_dropout"] = 0.0
     model["text"]["dropout"] = 0.0
     single = tmp_path / "single"
-    train(config(small, single, steps=3, batch_size=4, model=model, objective=objective))
+    train(
+        config(
+            small, single, steps=3, batch_size=4, model=model, objective=objective, text_queue=queue
+        )
+    )
 
     ddp = tmp_path / "ddp"
     settings = dict(
         manifest=str(small), out_dir=str(ddp), crop=list(CROP), steps=3, batch_size=2, lr=1e-3,
         warmup_steps=2, log_every=1, checkpoint_every=100, seed=0, vocab_size=300, model=model,
-        device="cpu", objective=objective,
+        device="cpu", objective=objective, text_queue=queue,
     )  # fmt: skip
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(json.dumps(settings), encoding="utf-8")  # JSON is YAML

@@ -19,6 +19,12 @@ the targets with a peer model's similarity distribution: ``Y' = α·Y + (1 − �
 where ``S_peer`` are the peer's logits (its cosine similarities over a temperature), computed
 without gradient.
 
+Text queue (an option, :mod:`.text_queue`): the anatomy texts of earlier steps, embedded then and
+kept without gradient, join the image→text direction as extra columns, with targets by the same
+two rules (identical text, both normal). A CPU batch of 8 gives each image 7 texts to be told
+apart from; a queue gives it hundreds, and with them more pairs for the correction to change.
+The text→image direction keeps the batch only: the queue holds no images.
+
 Distributed training: the loss is meant to be computed on the **all-gathered** batch (every rank
 computes the same loss over the global batch). Gather the embeddings with :func:`gather_with_grad`
 and the per-sample texts / flags with :func:`gather_objects` before calling :func:`fvlm_loss`.
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -72,15 +78,28 @@ def positive_matrix(
     n = len(texts)
     if normal.shape != (n,):
         raise ValueError(f"normal: shape {tuple(normal.shape)} must be ({n},) to match texts")
-    device = normal.device
+    pos = positive_pairs(normal, texts, normal, texts, normal_correction=normal_correction)
+    return pos | torch.eye(n, dtype=torch.bool, device=normal.device)
+
+
+def positive_pairs(
+    normal_a: torch.Tensor,
+    texts_a: Sequence[str],
+    normal_b: torch.Tensor,
+    texts_b: Sequence[str],
+    *,
+    normal_correction: bool = True,
+) -> torch.Tensor:
+    """[A, B] bool: which samples of b are positives of each sample of a by the two rules of
+    :func:`positive_matrix` — identical texts with at least one abnormal, and both normal under
+    the correction (no diagonal: a and b may be different samples, e.g. a text queue)."""
     ids: dict[str, int] = {}
-    codes = torch.tensor(
-        [ids.setdefault(normalize_text(t), len(ids)) for t in texts], device=device
-    )
-    nb = normal.to(torch.bool)
-    both_normal = nb[:, None] & nb[None, :]
-    pos = (codes[:, None] == codes[None, :]) & ~both_normal
-    pos |= torch.eye(n, dtype=torch.bool, device=device)
+    device = normal_a.device
+    code_a = torch.tensor([ids.setdefault(normalize_text(t), len(ids)) for t in texts_a])
+    code_b = torch.tensor([ids.setdefault(normalize_text(t), len(ids)) for t in texts_b])
+    na, nb = normal_a.to(torch.bool), normal_b.to(device, torch.bool)
+    both_normal = na[:, None] & nb[None, :]
+    pos = (code_a.to(device)[:, None] == code_b.to(device)[None, :]) & ~both_normal
     if normal_correction:
         pos |= both_normal
     return pos
@@ -98,6 +117,15 @@ def _check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, ndim
         raise ValueError(f"{name_b}: shape {tuple(b.shape)} must equal {name_a} {tuple(a.shape)}")
 
 
+class QueuedTexts(NamedTuple):
+    """Earlier steps' texts of one anatomy for :func:`fvlm_anatomy_loss`: ``emb`` [Q, E]
+    L2-normalised and detached, ``normal`` bool [Q], ``texts`` the Q texts."""
+
+    emb: torch.Tensor
+    normal: torch.Tensor
+    texts: Sequence[str]
+
+
 # -- fVLM objective ------------------------------------------------------------------------
 def fvlm_anatomy_loss(
     image_emb: torch.Tensor,
@@ -109,6 +137,7 @@ def fvlm_anatomy_loss(
     normal_correction: bool = True,
     peer_logits: torch.Tensor | None = None,
     alpha: float = 0.5,
+    queue: QueuedTexts | None = None,
 ) -> torch.Tensor | None:
     """fVLM loss of ONE anatomy over the N samples that hold it wholly inside the crop.
 
@@ -122,6 +151,11 @@ def fvlm_anatomy_loss(
     ``α·Y + (1 − α)·softmax(peer_logits)`` and the text→image targets
     ``α·Y + (1 − α)·softmax(peer_logitsᵀ)`` — each direction is softened by the peer's view in
     the same direction (Y is symmetric, the peer's distribution is not).
+
+    ``queue``: earlier texts of this anatomy (module docstring): the image→text logits gain
+    ``image_emb @ queue.embᵀ / tau`` as Q more columns, positives by :func:`positive_pairs`, and
+    the row targets are normalised over all N + Q columns. Not with ``peer_logits`` (the peer
+    would need its own queue). An empty queue is no queue.
 
     Returns None — the anatomy is skipped — when
 
@@ -138,11 +172,30 @@ def fvlm_anatomy_loss(
         raise ValueError(f"normal: shape {tuple(normal.shape)} must be ({n},)")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: {alpha} must lie in [0, 1]")
+    if queue is not None and peer_logits is not None:
+        raise ValueError("queue: not with co-teaching (peer_logits)")
+    if queue is not None and not (
+        queue.emb.ndim == 2
+        and queue.emb.shape[1] == image_emb.shape[1]
+        and queue.normal.shape == (queue.emb.shape[0],) == (len(queue.texts),)
+    ):
+        raise ValueError(
+            f"queue: emb {tuple(queue.emb.shape)}, normal {tuple(queue.normal.shape)} and "
+            f"{len(queue.texts)} texts must describe the same Q texts of width {image_emb.shape[1]}"
+        )
     if n < 2 or bool(normal.to(torch.bool).all()):
         return None
     logits = image_emb @ text_emb.t() / tau
     pos = positive_matrix(normal, texts, normal_correction=normal_correction).to(logits.dtype)
     target = pos / pos.sum(dim=1, keepdim=True)
+    if queue is not None and len(queue.texts) > 0:
+        queued = image_emb @ queue.emb.detach().to(image_emb.dtype).t() / tau
+        extra = positive_pairs(
+            normal, texts, queue.normal, queue.texts, normal_correction=normal_correction
+        ).to(logits.dtype)
+        wide = torch.cat([pos, extra], dim=1)
+        i2t = _soft_ce(torch.cat([logits, queued], dim=1), wide / wide.sum(dim=1, keepdim=True))
+        return 0.5 * (i2t + _soft_ce(logits.t(), target))
     target_i2t = target_t2i = target
     if peer_logits is not None:
         if peer_logits.shape != (n, n):
@@ -179,6 +232,7 @@ def fvlm_loss(
     peer_text_emb: torch.Tensor | None = None,
     peer_tau: Temperature | None = None,
     alpha: float = 0.5,
+    queue: Sequence[QueuedTexts] | None = None,
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """The fVLM objective over a (gathered) batch: Σ_k of :func:`fvlm_anatomy_loss`.
 
@@ -192,6 +246,8 @@ def fvlm_loss(
     here under ``no_grad`` so the caller cannot leak gradient into the peer. The peer sees the same
     crops and label maps, so its absent rows must match; a row usable for this model but not
     finite for the peer is an error.
+
+    ``queue``: one :class:`QueuedTexts` per anatomy (:meth:`.text_queue.TextQueue.queued`).
 
     Returns ``(total, per_anatomy)``: ``total`` a scalar tensor (the sum over non-skipped
     anatomies); ``per_anatomy`` maps anatomy index k → its loss value for logging, skipped
@@ -210,6 +266,8 @@ def fvlm_loss(
     if peer_image_emb is not None and peer_text_emb is not None:
         _check_pair("image_emb", image_emb, "peer_image_emb", peer_image_emb, 3)
         _check_pair("image_emb", image_emb, "peer_text_emb", peer_text_emb, 3)
+    if queue is not None and len(queue) != k:
+        raise ValueError(f"queue: {len(queue)} anatomies, the embeddings have {k}")
     use = usable_rows(inside, image_emb, text_emb)
     peer_tau = tau if peer_tau is None else peer_tau
     losses: dict[int, torch.Tensor] = {}
@@ -236,6 +294,7 @@ def fvlm_loss(
             normal_correction=normal_correction,
             peer_logits=peer_logits,
             alpha=alpha,
+            queue=queue[a] if queue is not None else None,
         )
         if loss is not None:
             losses[a] = loss

@@ -20,12 +20,16 @@ What one run does:
    correction`` (only identical texts are extra positives), ``clip`` (the global baseline:
    mean-pooled final ViT tokens through its own projection ``clip_proj`` vs the whole report,
    same encoders and temperature). Texts identical within a batch are encoded once.
+   Options off by default: ``text_queue`` N keeps the last N texts of each anatomy, embedded
+   when seen, as extra image→text columns (:mod:`.text_queue`; not with co-teaching or
+   ``clip``); ``sentence_keep`` p trains on random sentence subsets of abnormal anatomy texts
+   (:class:`ManifestDataset`).
 6. Logs every ``log_every`` steps to ``out/train_log.csv`` (step, loss, lr, seconds, one
    ``loss_<anatomy>`` column per anatomy; empty when skipped) and, when
    ``torch.utils.tensorboard`` imports, to ``out/tensorboard``; a tqdm bar shows progress.
 7. Every ``checkpoint_every`` steps (and at the end, or when stopped with ``stop_after``) writes
-   ``out/checkpoint.pt``: model, ``clip_proj``, optimizer, scheduler, step and the RNG states
-   (Python, NumPy, torch, CUDA), atomically. ``train`` resumes from it when it exists.
+   ``out/checkpoint.pt``: model, ``clip_proj``, optimizer, scheduler, step, the text queue and
+   the RNG states (Python, NumPy, torch, CUDA), atomically. ``train`` resumes from it when it exists.
 8. At the end saves the model with :func:`save_model` into ``out/model/`` (our format: the
    :class:`~fvlm_pacs.model.Predictor` loads it) with the cases it was trained on
    (:mod:`~fvlm_pacs.model.provenance`, which ``eval`` and ``calibrate`` refuse) and, for
@@ -41,7 +45,8 @@ kernels make it close, not identical.
 Distributed: launched by ``torchrun``, ``WORLD_SIZE > 1`` initialises the process group (NCCL on
 GPU, else gloo); each rank takes its own ``batch_size`` slice of the global sample stream, the
 loss is computed on the all-gathered batch (:func:`gather_with_grad`), DDP averages gradients,
-and only rank 0 writes logs, checkpoints and the model. Not exercised by the tests.
+and only rank 0 writes logs, checkpoints and the model. Every rank pushes the gathered batch
+to its text queue, so the queues agree.
 
 AMP: on CUDA only (``amp: true``), bf16 autocast (no gradient scaler needed); CPU runs in fp32.
 """
@@ -74,9 +79,17 @@ from .checkpoint import load_model, save_model
 from .config import ModelConfig, TextConfig, coerce_numbers, tiny, vit_b
 from .dataset import LAYOUTS, NORMAL_WORDINGS, ManifestDataset, collate
 from .fvlm import FvlmModel
-from .losses import clip_image_embedding, clip_loss, fvlm_loss, gather_objects, gather_with_grad
+from .losses import (
+    clip_image_embedding,
+    clip_loss,
+    fvlm_loss,
+    gather_objects,
+    gather_with_grad,
+    usable_rows,
+)
 from .provenance import write_training_cases
 from .text import load_tokenizer, text_config_from_dir
+from .text_queue import TextQueue
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +138,7 @@ class TrainConfig:
     patch_lr_scale: float = 1.0
     normal_wording: str = "template"
     sentence_keep: float = 1.0
+    text_queue: int = 0
 
     def __post_init__(self) -> None:
         for key in ("manifest", "out_dir", "text_dir", "init_from", "cache_dir"):
@@ -149,6 +163,13 @@ class TrainConfig:
         if self.normal_wording not in NORMAL_WORDINGS:
             raise ConfigError(
                 f"normal_wording: must be one of {NORMAL_WORDINGS}, got {self.normal_wording!r}"
+            )
+        if self.text_queue < 0:
+            raise ConfigError(f"text_queue: must be >= 0, got {self.text_queue}")
+        if self.text_queue and self.objective not in ("fvlm", "fvlm-no-correction"):
+            raise ConfigError(
+                f"text_queue: only with the fvlm objectives without co-teaching, "
+                f"not {self.objective!r}"
             )
         if not 0.0 < self.sentence_keep <= 1.0:
             raise ConfigError(f"sentence_keep: must be in (0, 1], got {self.sentence_keep}")
@@ -476,6 +497,11 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, ratio)
     )
+    queue = (
+        TextQueue(cfg.text_queue, len(model.anatomies), model.config.embed_dim)
+        if cfg.text_queue
+        else None
+    )
     start = 0
     ckpt_path = out / CHECKPOINT
     if ckpt_path.is_file():
@@ -483,6 +509,10 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
         module.load_state_dict(ckpt["module"])
         if peer is not None:
             peer.load_state_dict(ckpt["peer"])
+        if queue is not None:
+            if "text_queue" not in ckpt:
+                raise ConfigError(f"{ckpt_path}: saved without a text queue; text_queue is set")
+            queue.load_state_dict(ckpt["text_queue"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start = int(ckpt["step"])
@@ -540,6 +570,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
                 {
                     "module": module.state_dict(),
                     **({"peer": peer.state_dict()} if peer is not None else {}),
+                    **({"text_queue": queue.state_dict()} if queue is not None else {}),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "step": step,
@@ -572,8 +603,11 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
             correction = cfg.objective != "fvlm-no-correction"
             if peer is None:
                 loss, per = fvlm_loss(
-                    v, t, normal, inside, all_texts, tau, normal_correction=correction
-                )
+                    v, t, normal, inside, all_texts, tau, normal_correction=correction,
+                    queue=queue.queued(device) if queue is not None else None,
+                )  # fmt: skip
+                if queue is not None:  # after the loss: a batch is never its own queue
+                    queue.push(t, normal, usable_rows(inside, v, t), all_texts)
             else:
                 pv, pt = gather_with_grad(pv.float()), gather_with_grad(pt.float())
                 peer_tau = peer_tau.float()
