@@ -217,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
         choices=["on", "off"],
         help="with --histograms on: also the histogram of each anatomy's surroundings "
         "(model.histogram_shell voxels that belong to no anatomy) and its voxel count "
-        "(model.histogram_volume)",
+        "(model.histogram_volume); default on, off with --histograms off",
     )
     demo.add_argument(
         "--heldout-cases",
@@ -331,6 +331,8 @@ def _build_demo(args: argparse.Namespace) -> int:
         given["histograms"] = args.histograms == "on"
     if args.histogram_context is not None:
         given["histogram_context"] = args.histogram_context == "on"
+    elif args.histograms == "off":  # surroundings are histograms too: off with them
+        given["histogram_context"] = False
     try:
         recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
         out = build_demo(recipe, args.work, args.out)

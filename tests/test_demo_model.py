@@ -91,13 +91,13 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert main(["model", "build-demo", "--steps", "7", "--work", str(tmp_path / "w")]) == 0
     assert main(["model", "build-demo", "--stem", "patch", "--work", str(tmp_path)]) == 0
     assert main(["model", "build-demo", "--histograms", "off", "--work", str(tmp_path)]) == 0
-    context = ["--histogram-context", "on", "--work", str(tmp_path)]
+    context = ["--histogram-context", "off", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *context]) == 0
     assert seen[0] == demo_build.DemoRecipe()
     assert seen[1] == demo_build.DemoRecipe(steps=7)
     assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=False)
-    assert seen[3] == demo_build.DemoRecipe(histograms=False)
-    assert seen[4] == demo_build.DemoRecipe(histogram_context=True)
+    assert seen[3] == demo_build.DemoRecipe(histograms=False, histogram_context=False)
+    assert seen[4] == demo_build.DemoRecipe(histogram_context=False)
     # the shipped model is what the default recipe builds: its card's rebuild line, version
     # and network are the defaults'
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -110,11 +110,14 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert f"--negative-prompts {recipe.negative_prompts} " in rebuild
     assert ("--stem hierarchical" in rebuild) == recipe.hierarchical_stem
     assert ("--histograms on" in rebuild) == recipe.histograms
+    assert ("--histogram-context on" in rebuild) == recipe.histogram_context
     meta = read_meta(DEMO)
     assert meta["version"] == recipe.version
     shipped = ModelConfig.from_dict(meta["model"])
     assert bool(shipped.vision.stem_strides) == recipe.hierarchical_stem
     assert bool(shipped.histogram_edges) == recipe.histograms
+    assert (shipped.histogram_shell == demo_build.CONTEXT_SHELL) == recipe.histogram_context
+    assert shipped.histogram_volume == recipe.histogram_context
 
 
 def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
@@ -128,21 +131,26 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     from fvlm_pacs.model.histogram import HISTOGRAM_EDGES
     from fvlm_pacs.model.intensity import FOUR_WINDOWS
 
-    default = demo_build.DemoRecipe(hierarchical_stem=False, histograms=False).model_config()
+    default = demo_build.DemoRecipe(
+        hierarchical_stem=False, histograms=False, histogram_context=False
+    ).model_config()
     assert "vocab_size" not in default["text"]
     text = {**default["text"], "vocab_size": 317}
     assert ModelConfig.from_dict({**default, "text": text}) == tiny(vocab_size=317)
     four = demo_build.DemoRecipe(
-        hu_windows=FOUR_WINDOWS, hierarchical_stem=False, histograms=False
+        hu_windows=FOUR_WINDOWS, hierarchical_stem=False, histograms=False, histogram_context=False
     ).model_config()
     got = ModelConfig.from_dict({**four, "text": text})
     assert got.vision.hu_windows == FOUR_WINDOWS and got.vision.in_channels == 4
     assert got == tiny(vocab_size=317, hu_windows=FOUR_WINDOWS)
-    shipped = demo_build.DemoRecipe().model_config()  # the shipped recipe: stem + histograms
+    shipped = demo_build.DemoRecipe().model_config()  # stem + histograms + surroundings
     assert ModelConfig.from_dict({**shipped, "text": text}) == dataclasses.replace(
-        tiny(vocab_size=317, hierarchical_stem=True), histogram_edges=HISTOGRAM_EDGES
+        tiny(vocab_size=317, hierarchical_stem=True),
+        histogram_edges=HISTOGRAM_EDGES,
+        histogram_shell=demo_build.CONTEXT_SHELL,
+        histogram_volume=True,
     )
-    hist = demo_build.DemoRecipe(hierarchical_stem=False).model_config()
+    hist = demo_build.DemoRecipe(hierarchical_stem=False, histogram_context=False).model_config()
     assert ModelConfig.from_dict({**hist, "text": text}) == dataclasses.replace(
         tiny(vocab_size=317), histogram_edges=HISTOGRAM_EDGES
     )
@@ -156,7 +164,7 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     with pytest.raises(ConfigError, match="need histogram_edges"):  # before any phantom
         demo_build.DemoRecipe(histograms=False, histogram_context=True)
     wide = demo_build.DemoRecipe(
-        vit_width=192, hierarchical_stem=False, histograms=False
+        vit_width=192, hierarchical_stem=False, histograms=False, histogram_context=False
     ).model_config()
     assert wide["vision"]["hidden_size"] == 192 and wide["vision"]["mlp_dim"] == 384
     assert {k: v for k, v in wide.items() if k != "vision"} == {
