@@ -46,10 +46,10 @@ in the crop. With ``train=False`` the crop is centred and nothing is flipped.
 Text augmentation (``sentence_keep`` < 1, ``train=True`` only; off by default, so FVLM.md's
 objective sees whole anatomy texts): each sentence of an *abnormal* anatomy's text is kept with
 that probability, at least one always, in report order; normal templates are never touched.
-Why: the phantoms' lungs carry several findings at once (157 of the 200 held-out lungs of
-``fvlm-demo 3`` hold a finding besides the one scored), and a model trained on whole texts
+Why: the phantoms' lungs carry several findings at once (159 of the 200 held-out phantoms of
+``fvlm-demo 3`` have a lung finding, most of them several), and a model trained on whole texts
 learns "abnormal lung" more than each finding — ``fvlm-demo 3`` scores atelectasis and
-consolidation at 0.97–0.98 AUC in lungs with no other finding and 0.70–0.71 in the rest. An
+consolidation at 0.96–0.97 AUC in lungs with no other finding and 0.65–0.70 in the rest. An
 image that must match any subset of its finding sentences is pushed towards each of them, which
 is what a one-finding prompt asks at zero-shot time. The partial text is true but incomplete, so
 another sample with the same finding and a different draw is a false negative of the batch —
