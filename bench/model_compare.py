@@ -41,8 +41,7 @@ if str(REPO) not in sys.path:
 
 from synthetic_zero_shot import aucs, bootstrap_diff, fmt, mean_of  # noqa: E402  (bench/)
 
-from fvlm_pacs.codes import load_anatomies, load_findings  # noqa: E402
-from fvlm_pacs.evaluation import co_finding_auc  # noqa: E402
+from fvlm_pacs.evaluation import co_finding_auc, co_finding_cases  # noqa: E402
 from fvlm_pacs.model import Predictor  # noqa: E402
 from fvlm_pacs.model.checkpoint import sha256_file  # noqa: E402
 from fvlm_pacs.model.dataset import read_synthetic  # noqa: E402
@@ -140,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(1, len(runs)):
         lo, hi = bootstrap_diff(runs[i][1], runs[0][1], labels, names, args.seed)
         print(f"  [{i}] − [0]: {means[i] - means[0]:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-    print_co_finding(runs, labels, names)
+    # the reference's finding -> anatomy table, as `fvlm-pacs eval` groups them
+    print_co_finding(runs, labels, names, Predictor(args.models[0], device="cpu").anatomy_of())
     return 0
 
 
@@ -148,12 +148,13 @@ def print_co_finding(
     runs: list[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]],
     labels: dict[str, np.ndarray],
     names: list[str],
+    anatomy_of: dict[str, str],
 ) -> None:
     """AUC among the cases whose anatomy holds another finding (:func:`co_finding_auc`): does a
     model score the finding, or its anatomy being abnormal?"""
-    anatomy_of = {f.name: f.anatomy for f in load_findings(load_anatomies("ct-rate"))}
     both = {n: labels[n] for n in names}
     table = [co_finding_auc({n: r[1][n] for n in names}, both, anatomy_of) for r in runs]
+    cases = co_finding_cases(both, anatomy_of)
     shown = [n for n in names if table[0][n] is not None]
     if not shown:
         return
@@ -161,9 +162,7 @@ def print_co_finding(
     head = "".join(f"{f'[{i}]':>7s}" for i in range(len(runs)))
     print(f"{'finding':36s} {'n':>4s}{head}")
     for n in shown:
-        others = [m for m in names if m != n and anatomy_of[m] == anatomy_of[n]]
-        cases = int(np.any([labels[m] == 1 for m in others], axis=0).sum())
-        print(f"{n:36s} {cases:4d}" + "".join(f" {fmt(t[n])}" for t in table))
+        print(f"{n:36s} {int(cases[n].sum()):4d}" + "".join(f" {fmt(t[n])}" for t in table))
     print(f"{'mean':36s} {'':4s}" + "".join(f" {mean_of(t, shown):6.3f}" for t in table))
 
 

@@ -165,16 +165,27 @@ def co_finding_auc(
     """
     _check_keys(scores, labels)
     out: dict[str, float | None] = {}
-    for name in scores:
-        if name not in anatomy_of:
-            raise ValueError(f"anatomy_of: no anatomy for finding {name!r}")
-        others = [m for m in labels if m != name and anatomy_of.get(m) == anatomy_of[name]]
+    for name, keep in co_finding_cases(labels, anatomy_of).items():
         y = np.asarray(labels[name])
-        keep = np.zeros(y.shape, dtype=bool)
-        for m in others:
-            keep |= np.asarray(labels[m]) == 1
         s = np.asarray(scores[name], dtype=np.float64)  # None -> NaN: not assessable
         out[name] = roc_auc(s[keep], y[keep]) if keep.any() else None
+    return out
+
+
+def co_finding_cases(
+    labels: Mapping[str, ArrayLike], anatomy_of: Mapping[str, str]
+) -> dict[str, np.ndarray]:
+    """Per finding, bool per case: another finding of its anatomy is labelled 1 (the cases
+    :func:`co_finding_auc` keeps)."""
+    out: dict[str, np.ndarray] = {}
+    for name in labels:
+        if name not in anatomy_of:
+            raise ValueError(f"anatomy_of: no anatomy for finding {name!r}")
+        keep = np.zeros(np.shape(labels[name]), dtype=bool)
+        for m in labels:
+            if m != name and anatomy_of.get(m) == anatomy_of[name]:
+                keep |= np.asarray(labels[m]) == 1
+        out[name] = keep
     return out
 
 

@@ -271,10 +271,10 @@ def select_on_images(
 ) -> tuple[tuple[NegativeChoice, ...], LabelledScores]:
     """Score ``cases`` (labelled phantoms of the synthetic layout, e.g. the validation part)
     through the model folder's :class:`~fvlm_pacs.model.Predictor` with each candidate negative
-    (each image encoded once, :func:`score_cases_shared`), keep per finding the better one (:func:`select_negatives_on_images`) in its
-    ``prompts.yaml``, and return the choices with the scores of the chosen prompts — what
-    calibration on the same cases needs (a finding's score depends on its own pair only, so
-    no third pass)."""
+    (each image encoded once, :func:`score_cases_shared`), keep per finding the better one
+    (:func:`select_negatives_on_images`) in its ``prompts.yaml``, and return the choices with
+    the scores of the chosen prompts — what calibration on the same cases needs (a finding's
+    score depends on its own pair only, so no third pass)."""
     table = model_findings(model_dir)
     # the candidates in candidate_negatives' order: the table's, then the normal template
     template = tuple(dataclasses.replace(d, negative=candidate_negatives(d)[-1]) for d in table)
