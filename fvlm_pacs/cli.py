@@ -220,6 +220,12 @@ def parser() -> argparse.ArgumentParser:
         "(model.histogram_volume); default on, off with --histograms off",
     )
     demo.add_argument(
+        "--sentence-keep",
+        type=float,
+        help="train on random sentence subsets of abnormal anatomy texts: each sentence kept "
+        "with this probability (1: the whole text, FVLM.md's training)",
+    )
+    demo.add_argument(
         "--heldout-cases",
         type=int,
         help="independent phantoms (seeds from 100000) the card also reports (0: none)",
@@ -322,6 +328,7 @@ def _build_demo(args: argparse.Namespace) -> int:
         "vit_width",
         "objective",
         "negative_prompts",
+        "sentence_keep",
         "heldout_cases",
     )
     given = {k: getattr(args, k) for k in keys}

@@ -127,7 +127,7 @@ def test_training_is_deterministic_per_seed(runs: Trained, tmp_path: Path) -> No
 
 def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> None:
     """A tiny recipe end to end (with anatomy histograms, so they are trained, calibrated and
-    served): the network lands in <out>/segmentation, loads through the factory, and the card
+    served, and sentence subsets): the network lands in <out>/segmentation, loads through the factory, and the card
     reports its held-out Dice."""
     recipe = DemoRecipe(
         cases=6,
@@ -137,6 +137,7 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
         negative_prompts="normal-template",
         hierarchical_stem=True,
         histograms=True,
+        sentence_keep=0.5,
         heldout_cases=2,
     )
     out = build_demo(recipe, tmp_path / "work", tmp_path / "demo")
@@ -148,6 +149,7 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
     assert "--stem hierarchical" in card and "hierarchical stem" in card
     assert "--histograms on" in card and "HU histogram" in card  # trained, scored, served
     assert "histograms count the HU inside each mask" in card  # the limit it brings
+    assert "--sentence-keep 0.5 " in card and "kept with p = 0.5" in card
     # the model's own negative prompts ship with it and the thresholds name them
     assert (out / "prompts.yaml").is_file() and "--negative-prompts normal-template" in card
     recorded = json.loads((out / "thresholds.json").read_text())["prompts"]

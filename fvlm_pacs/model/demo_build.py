@@ -130,6 +130,8 @@ class DemoRecipe:
                 f"seed: phantoms {self.seed}..{self.seed + self.cases - 1} would overlap the "
                 f"held-out block {HELDOUT_SEED}..{HELDOUT_SEED + self.heldout_cases - 1}"
             )
+        if not 0.0 < self.sentence_keep <= 1.0:
+            raise ConfigError(f"sentence_keep: must be in (0, 1], got {self.sentence_keep}")
         if self.negative_prompts not in NEGATIVE_PROMPTS:
             raise ConfigError(
                 f"negative_prompts: one of {NEGATIVE_PROMPTS}, got {self.negative_prompts!r}"
@@ -164,6 +166,7 @@ class DemoRecipe:
     hierarchical_stem: bool = True
     histograms: bool = True
     histogram_context: bool = True
+    sentence_keep: float = 1.0
     objective: str = "fvlm"
     negative_prompts: str = "val-selected"
     heldout_cases: int = 200
@@ -220,6 +223,7 @@ def training_config(
         device=device,
         name=DEMO_NAME,
         version=recipe.version,
+        sentence_keep=recipe.sentence_keep,
     )
 
 
@@ -410,8 +414,13 @@ def model_card(
             else f"(patch convolution × {recipe.patch_lr_scale})"
         )
         + ", warm-up "
-        f"10 %, cosine decay, crop {list(recipe.crop)}, flips p = 0.2, CPU fp32, seed "
-        f"{recipe.seed}. Wall time: data {timings['data_s']:.0f} s, training "
+        f"10 %, cosine decay, crop {list(recipe.crop)}, flips p = 0.2"
+        + (
+            f", each sentence of an abnormal anatomy's text kept with p = {recipe.sentence_keep:g}"
+            if recipe.sentence_keep < 1.0
+            else ""
+        )
+        + f", CPU fp32, seed {recipe.seed}. Wall time: data {timings['data_s']:.0f} s, training "
         f"{timings['train_s']:.0f} s, calibration + evaluation {timings['eval_s']:.0f} s.",
         "",
         "## Thresholds",
@@ -447,6 +456,7 @@ def model_card(
         f"--stem {'hierarchical' if recipe.hierarchical_stem else 'patch'} "
         f"--histograms {'on' if recipe.histograms else 'off'} "
         f"--histogram-context {'on' if recipe.histogram_context else 'off'} "
+        f"--sentence-keep {recipe.sentence_keep:g} "
         f"--heldout-cases {recipe.heldout_cases}",
         "```",
         "",
