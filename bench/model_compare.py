@@ -75,7 +75,9 @@ def scored(
         seg_dir = folder / "segmentation"
         table = anatomy_table_for(predictor.anatomies)  # the masks must carry the model's anatomies
         provider = make_provider("builtin", table, model_dir=seg_dir)
-        stem += f"-seg{sha256_file(seg_dir / 'model.safetensors')[:8]}"  # masks change scores
+        upsampling = provider.check().config.upsampling  # type: ignore[attr-defined]
+        # the masks change the scores: the network and how its labels reach the CT grid
+        stem += f"-seg{sha256_file(seg_dir / 'model.safetensors')[:8]}-{upsampling}"
     key = f"{stem}.npz"
     if store is not None and (store / key).is_file():
         with np.load(store / key) as z:

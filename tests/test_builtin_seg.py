@@ -6,6 +6,7 @@ channels (8, 16, 32) on an 8 mm working grid, 80 training steps, one thread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -29,10 +30,13 @@ from fvlm_pacs.segmentation.builtin import (
     SETTING,
     BuiltinSegmenter,
     SegNetConfig,
+    WorkingGrid,
     connected_components,
     default_model_dir,
     load_segnet,
+    sample_linear_argmax,
     sample_nearest,
+    to_ct_grid,
 )
 from fvlm_pacs.segmentation.builtin_train import SegTrainResult, train_builtin
 from fvlm_pacs.service import build_stages
@@ -168,6 +172,8 @@ def test_model_card_section_lists_dice(runs: Trained) -> None:
     assert "## Segmentation network" in text
     for anatomy in ("lung", "heart", "esophagus", "aorta"):
         assert f"| {anatomy} | " in text
+    assert "| anatomy | Dice | Dice raw | Dice nearest |" in text
+    assert "the provider's upsampling: linear" in text
     assert "--seg-steps 0" in "\n".join(segmentation_section(None, {}))
 
 
@@ -227,6 +233,81 @@ def test_sample_nearest_matches_the_affine_on_any_grid() -> None:
         idx = np.clip(idx, 0, np.array(src.shape).reshape(3, 1) - 1)
         want = src[idx[0], idx[1], idx[2]].reshape(shape)
         np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def trilinear_reference(values: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Trilinear interpolation of (C, a, b, c) at fractional (3, N) positions, by its formula:
+    the eight surrounding voxels weighted by the products of the axis weights."""
+    limits = np.array(values.shape[1:]).reshape(3, 1)
+    pos = np.clip(pos, 0, limits - 1)
+    lo = np.minimum(np.floor(pos).astype(int), np.maximum(limits - 2, 0))
+    frac = pos - lo
+    out = np.zeros((values.shape[0], pos.shape[1]))
+    for corner in np.ndindex(2, 2, 2):
+        c = np.array(corner).reshape(3, 1)
+        idx = np.minimum(lo + c, limits - 1)
+        weight = np.prod(np.where(c == 1, frac, 1 - frac), axis=0)
+        out += values[:, idx[0], idx[1], idx[2]] * weight
+    return out
+
+
+def test_sample_linear_argmax_is_the_argmax_of_trilinear_probabilities() -> None:
+    """Axis-aligned grids (scaled, flipped, permuted; a slab smaller than the output) give the
+    argmax of the formula's trilinear interpolation; oblique grids the nearest label."""
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(4), size=(5, 6, 7)).transpose(3, 0, 1, 2).astype(np.float32)
+    src_affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    src_affine[:3, 3] = (2.0, -3.0, 1.0)
+    shape = (17, 11, 13)
+    grids = {
+        "finer": np.diag([1.1, 1.7, 2.3]),
+        "flipped, permuted": np.array([[0, 0, -1.9], [0, 1.3, 0], [2.1, 0, 0]]),
+    }
+    for name, lin in grids.items():
+        affine = np.eye(4)
+        affine[:3, :3] = lin
+        affine[:3, 3] = (4.0, 1.0, 5.0) if name == "finer" else (30.0, 0.0, 9.0)
+        got = sample_linear_argmax(probs, src_affine, shape, affine, slab=3)
+        ijk = np.indices(shape).reshape(3, -1)
+        to_src = np.linalg.inv(src_affine) @ affine
+        pos = to_src[:3, :3] @ ijk + to_src[:3, 3:]
+        want = trilinear_reference(probs, pos).argmax(axis=0).reshape(shape)
+        assert got.dtype == np.uint8 and got.shape == shape
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    a = np.deg2rad(20.0)
+    oblique = np.eye(4)
+    oblique[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    labels = probs.argmax(axis=0).astype(np.uint8)
+    np.testing.assert_array_equal(
+        sample_linear_argmax(probs, src_affine, shape, oblique),
+        sample_nearest(labels, src_affine, shape, oblique),
+    )
+
+
+def test_linear_upsampling_keeps_the_clean_up_and_smooths_edges() -> None:
+    """A component the clean-up drops stays background on the CT grid; on a grid 4 times finer
+    the boundary lies where the interpolated probabilities cross, where nearest neighbour puts
+    it halfway between the working voxels whatever their probabilities."""
+    config = dataclasses.replace(CONFIG, min_component_fraction=0.5)
+    probs = np.zeros((5, 4, 4, 8), dtype=np.float32)
+    probs[0] = 1.0
+    probs[:, :, :, 4:] = 0.0
+    probs[1, :, :, 4:] = 0.6  # lung on the right half, background 0.4
+    probs[0, :, :, 4:] = 0.4
+    probs[:, 0, 0, 0] = 0.0
+    probs[1, 0, 0, 0] = 1.0  # a one-voxel lung fragment far from the rest: dropped
+    grid = WorkingGrid(image=np.zeros((4, 4, 8), dtype=np.float32), affine=np.diag([4.0, 4, 4, 1]))
+    fine = np.diag([1.0, 1.0, 1.0, 1.0])
+    fine[:3, 3] = -1.5  # voxel centres of a 1 mm grid inside the 4 mm voxels
+    voxels = hd.Volume(np.zeros((16, 16, 32), dtype=np.float32), fine, "PATIENT")
+    linear = to_ct_grid(probs.copy(), grid, voxels, config)
+    nearest = to_ct_grid(probs.copy(), grid, voxels, config, upsampling="nearest")
+    assert not linear[:4, :4, :4].any() and not nearest[:4, :4, :4].any()  # fragment dropped
+    # fine column c is at x = c - 1.5 mm. p(lung) rises from 0 at working column 3 (x = 12 mm)
+    # to 0.6 at column 4 (16 mm) while background falls from 1 to 0.4: they cross at
+    # x = 12 + 4 / 1.2 = 15.33 mm, so lung from fine column 17; nearest: from x > 14 mm, column 16
+    assert linear[8, 8, :17].max() == 0 and linear[8, 8, 17:].min() == 1
+    assert nearest[8, 8, :16].max() == 0 and nearest[8, 8, 16:].min() == 1
 
 
 def test_connected_components_counts_and_sizes() -> None:
