@@ -93,7 +93,7 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert main(["model", "build-demo", "--histograms", "off", "--work", str(tmp_path)]) == 0
     context = ["--histogram-context", "off", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *context]) == 0
-    keep = ["--sentence-keep", "0.5", "--work", str(tmp_path)]
+    keep = ["--sentence-keep", "1", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *keep]) == 0
     assert main(["model", "build-demo", "--sentence-keep", "0", "--work", str(tmp_path)]) == 2
     assert seen[0] == demo_build.DemoRecipe()
@@ -101,7 +101,7 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=False)
     assert seen[3] == demo_build.DemoRecipe(histograms=False, histogram_context=False)
     assert seen[4] == demo_build.DemoRecipe(histogram_context=False)
-    assert seen[5] == demo_build.DemoRecipe(sentence_keep=0.5)
+    assert seen[5] == demo_build.DemoRecipe(sentence_keep=1.0)
     assert len(seen) == 6  # sentence_keep 0 is refused before any build
     # the shipped model is what the default recipe builds: its card's rebuild line, version
     # and network are the defaults'
@@ -197,16 +197,17 @@ def test_recipe_objective_is_checked_before_any_work() -> None:
 
 
 def test_recipe_sentence_keep_reaches_the_training_run(tmp_path: Path) -> None:
-    """The recipe's ``sentence_keep`` is the training run's (whole texts by default, FVLM.md's
-    training), and an impossible probability fails before any phantom is written."""
+    """The recipe's ``sentence_keep`` is the training run's (1: whole texts, FVLM.md's training;
+    the shipped recipe's 0.5), and an impossible probability fails before any phantom is
+    written."""
     from fvlm_pacs.errors import ConfigError
     from fvlm_pacs.model import demo_build
 
     manifest = tmp_path / "manifest.csv"
     default = demo_build.training_config(demo_build.DemoRecipe(), manifest, tmp_path)
-    assert default.sentence_keep == 1.0
-    half = demo_build.DemoRecipe(sentence_keep=0.5)
-    assert demo_build.training_config(half, manifest, tmp_path).sentence_keep == 0.5
+    assert default.sentence_keep == 0.5
+    whole = demo_build.DemoRecipe(sentence_keep=1.0)
+    assert demo_build.training_config(whole, manifest, tmp_path).sentence_keep == 1.0
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="sentence_keep"):
             demo_build.DemoRecipe(sentence_keep=bad)
