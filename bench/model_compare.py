@@ -11,7 +11,8 @@ uses seed S + i). Each model is scored as it would serve — the public
 else ``mappings/findings.yaml``) — on every case. Prints per-finding AUC, the mean AUC of each
 and each model − the first with a paired bootstrap 95 % interval over cases (the same
 resampled cases for both). ``--scores`` keeps each model's scores there (named by the SHA-256
-of its weights, of its prompt pairs and of the manifest), so a later comparison re-scores only
+of its weights, of its prompt pairs and of the manifest; served: also of the segmentation
+network, and its upsampling), so a later comparison re-scores only
 new models. Why a separate set: a demo build's own test part holds 36 phantoms, where one
 finding with a single positive case moves a 16-finding mean by up to 0.06. A model folder that
 records its training cases (``training_cases.json``) and overlaps ``--heldout`` is refused. The
