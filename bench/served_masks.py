@@ -30,25 +30,18 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from fvlm_pacs.evaluation import roc_auc  # noqa: E402
 from fvlm_pacs.model.dataset import read_synthetic  # noqa: E402
 from fvlm_pacs.model.predictor import anatomy_table_for  # noqa: E402
 from fvlm_pacs.model.zeroshot_eval import load_case  # noqa: E402
 from fvlm_pacs.segmentation import make_provider  # noqa: E402
-from fvlm_pacs.segmentation.builtin import load_segnet, sample_nearest, to_working_grid  # noqa: E402
+from fvlm_pacs.segmentation.builtin import sample_nearest, to_working_grid  # noqa: E402
 
 ANATOMIES = ("lung", "heart", "esophagus", "aorta")
 LUNG, HEART = 1, 2
 LUNG_FINDINGS = ("atelectasis", "consolidation", "lung_opacity", "pleural_effusion")
 DENSE_HU = (-300.0, 100.0)
 FLUID_HU = (-10.0, 30.0)
-
-
-def auc(scores: list[float], labels: list[int]) -> float:
-    """Mann–Whitney AUC (ties count half)."""
-    s, y = np.asarray(scores), np.asarray(labels, dtype=bool)
-    pos, neg = s[y], s[~y]
-    wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
-    return float(wins / (len(pos) * len(neg)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     table = anatomy_table_for(ANATOMIES)
     nets = {str(d): make_provider("builtin", table, model_dir=d) for d in args.model_dir}
-    grids = {name: load_segnet(Path(name), "cpu").config for name in nets}
+    grids = {name: provider.check().config for name, provider in nets.items()}  # type: ignore[attr-defined]
     kinds = ["exact"] + [f"roundtrip {n}" for n in nets] + [f"served {n}" for n in nets]
     dense: dict[str, list[float]] = {k: [] for k in kinds}
     heart: dict[str, dict[str, list[tuple[float, float]]]] = {
@@ -99,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nAUC of the dense-lung share ({DENSE_HU[0]:g}…{DENSE_HU[1]:g} HU):")
     for finding in LUNG_FINDINGS:
         y = [f[finding] for f in labels]
-        cells = "  ".join(f"{kind} {auc(dense[kind], y):.3f}" for kind in kinds)
+        cells = "  ".join(f"{kind} {roc_auc(dense[kind], y):.3f}" for kind in kinds)
         print(f"  {finding} ({sum(y)} positive): {cells}")
     print("\nheart mask volume / exact heart, and its fluid share (mean):")
     for kind in kinds:

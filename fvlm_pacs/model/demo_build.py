@@ -137,8 +137,7 @@ class DemoRecipe:
                 f"seed: phantoms {self.seed}..{self.seed + self.cases - 1} would overlap the "
                 f"held-out block {HELDOUT_SEED}..{HELDOUT_SEED + self.heldout_cases - 1}"
             )
-        if not 0.0 < self.sentence_keep <= 1.0:
-            raise ConfigError(f"sentence_keep: must be in (0, 1], got {self.sentence_keep}")
+        training_config(self, Path("manifest.csv"), Path("."))  # TrainConfig checks its fields
         if self.negative_prompts not in NEGATIVE_PROMPTS:
             raise ConfigError(
                 f"negative_prompts: one of {NEGATIVE_PROMPTS}, got {self.negative_prompts!r}"
