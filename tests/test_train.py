@@ -151,6 +151,37 @@ def test_sentence_keep_draws_subsets_of_abnormal_texts_only(synth: Path) -> None
     assert cfg.dataset().sentence_keep == 0.5
 
 
+def test_whole_text_anatomies_are_never_shortened(synth: Path, tmp_path: Path) -> None:
+    """The anatomies named keep their whole texts on every draw; the others are still drawn
+    from; a name the model does not have is refused before training, a bare string at once."""
+    anatomies = ("lung", "heart", "esophagus", "aorta")
+    half = ManifestDataset(synth, crop=(32, 64, 64), seed=1, sentence_keep=0.5)
+    kept = ManifestDataset(
+        synth, crop=(32, 64, 64), seed=1, sentence_keep=0.5, whole_text_anatomies=("heart",)
+    )
+    half.anatomies = kept.anatomies = anatomies
+    heart, shortened, drawn = anatomies.index("heart"), 0, 0
+    for i in range(len(kept)):
+        t = kept.texts(i)
+        for draw in range(8):
+            texts = kept[(i, draw)]["texts"]
+            assert texts[heart] == t.texts[heart]
+            shortened += sum(a != b for a, b in zip(texts, t.texts))
+        if not t.normal[heart] and len(split_sentences(t.texts[heart])) > 1:
+            draws = {half[(i, d)]["texts"][heart] for d in range(8)}
+            drawn += draws != {t.texts[heart]}  # without the option the heart is drawn from
+    assert shortened > 0 and drawn > 0
+    cfg = TrainConfig(manifest=synth, out_dir=Path("o"), whole_text_anatomies=["heart"])
+    assert cfg.whole_text_anatomies == ("heart",)
+    assert cfg.dataset().whole_text_anatomies == frozenset({"heart"})
+    with pytest.raises(ConfigError, match="whole_text_anatomies"):
+        TrainConfig(manifest=synth, out_dir=Path("o"), whole_text_anatomies="heart")  # type: ignore[arg-type]
+    bad = config(synth, tmp_path / "run", steps=1, whole_text_anatomies=("liver",))
+    with pytest.raises(ConfigError, match="'liver' is not an anatomy of the model"):
+        train(bad)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_flips_apply_to_image_and_labels_together(small: Path, tmp_path: Path) -> None:
     plain = ManifestDataset(small, crop=(32, 64, 64), seed=3, flip_p=0.0, cache_dir=tmp_path)
     flipped = ManifestDataset(small, crop=(32, 64, 64), seed=3, flip_p=1.0, cache_dir=tmp_path)

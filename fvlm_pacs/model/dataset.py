@@ -54,6 +54,9 @@ image that must match any subset of its finding sentences is pushed towards each
 is what a one-finding prompt asks at zero-shot time. The partial text is true but incomplete, so
 another sample with the same finding and a different draw is a false negative of the batch —
 the price of the augmentation, measured in bench/README.md rather than assumed.
+``whole_text_anatomies`` keeps the texts of the anatomies it names whole: a finding that mostly
+comes with a more visible one of the same anatomy (cardiomegaly with coronary calcification in
+the phantoms) is then never trained on a text that names only the other.
 
 Randomness is a pure function of ``(seed, draw, index)``: ``dataset[i]`` uses draw 0 and
 ``dataset[(i, draw)]`` a given draw, so a training run can replay exactly the samples of any step
@@ -476,10 +479,12 @@ class ManifestDataset(Dataset[dict[str, Any]]):
         normal_wording: str = "template",
         memory_bytes: int | None = None,
         sentence_keep: float = 1.0,
+        whole_text_anatomies: Sequence[str] = (),
     ) -> None:
         if not 0.0 < sentence_keep <= 1.0:
             raise ValueError(f"sentence_keep: must lie in (0, 1], got {sentence_keep}")
         self.sentence_keep = float(sentence_keep)
+        self.whole_text_anatomies = frozenset(whole_text_anatomies)
         if normal_wording not in NORMAL_WORDINGS:
             raise ValueError(
                 f"normal_wording: must be one of {NORMAL_WORDINGS}, got {normal_wording!r}"
@@ -723,8 +728,10 @@ class ManifestDataset(Dataset[dict[str, Any]]):
             # its own stream, so the crops and flips of a draw are those of the option off
             text_rng = np.random.default_rng([self.seed, draw, index, 1])
             texts = [
-                text if normal else keep_sentences(text, self.sentence_keep, text_rng)
-                for text, normal in zip(texts, t.normal, strict=True)
+                text
+                if normal or anatomy in self.whole_text_anatomies
+                else keep_sentences(text, self.sentence_keep, text_rng)
+                for text, normal, anatomy in zip(texts, t.normal, self.anatomies, strict=True)
             ]
         rec = self.records[index]
         return {

@@ -22,8 +22,8 @@ What one run does:
    same encoders and temperature). Texts identical within a batch are encoded once.
    Options off by default: ``text_queue`` N keeps the last N texts of each anatomy, embedded
    when seen, as extra image→text columns (:mod:`.text_queue`; not with co-teaching or
-   ``clip``); ``sentence_keep`` p trains on random sentence subsets of abnormal anatomy texts
-   (:class:`ManifestDataset`).
+   ``clip``); ``sentence_keep`` p trains on random sentence subsets of abnormal anatomy texts,
+   but for the anatomies in ``whole_text_anatomies`` (:class:`ManifestDataset`).
 6. Logs every ``log_every`` steps to ``out/train_log.csv`` (step, loss, lr, seconds, one
    ``loss_<anatomy>`` column per anatomy; empty when skipped) and, when
    ``torch.utils.tensorboard`` imports, to ``out/tensorboard``; a tqdm bar shows progress.
@@ -138,6 +138,7 @@ class TrainConfig:
     patch_lr_scale: float = 1.0
     normal_wording: str = "template"
     sentence_keep: float = 1.0
+    whole_text_anatomies: tuple[str, ...] = ()
     text_queue: int = 0
 
     def __post_init__(self) -> None:
@@ -173,6 +174,11 @@ class TrainConfig:
             )
         if not 0.0 < self.sentence_keep <= 1.0:
             raise ConfigError(f"sentence_keep: must be in (0, 1], got {self.sentence_keep}")
+        if isinstance(self.whole_text_anatomies, str):
+            raise ConfigError(
+                f"whole_text_anatomies: a list of anatomy names, got {self.whole_text_anatomies!r}"
+            )
+        object.__setattr__(self, "whole_text_anatomies", tuple(self.whole_text_anatomies))
         if not 0.0 < self.patch_lr_scale <= 1.0:
             raise ConfigError(f"patch_lr_scale: must be in (0, 1], got {self.patch_lr_scale}")
         if not 0.0 <= self.coteach_alpha <= 1.0:
@@ -217,6 +223,7 @@ class TrainConfig:
             resample=self.resample,
             normal_wording=self.normal_wording,
             sentence_keep=self.sentence_keep,
+            whole_text_anatomies=self.whole_text_anatomies,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -478,6 +485,12 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> Path:
     model = _build_model(cfg, tokenizer)
     if model.anatomies != dataset.anatomies:
         dataset.anatomies = model.anatomies
+    unknown = sorted(set(cfg.whole_text_anatomies) - set(model.anatomies))
+    if unknown:
+        raise ConfigError(
+            f"whole_text_anatomies: {unknown[0]!r} is not an anatomy of the model "
+            f"({', '.join(model.anatomies)})"
+        )
     module = _Objective(model).to(device)
     module.train()
     coteach = cfg.objective == "fvlm-coteach"
