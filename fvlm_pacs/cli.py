@@ -19,7 +19,7 @@ from fvlm_pacs.config import Settings, load_settings
 from fvlm_pacs.errors import ConfigError, FvlmPacsError
 
 if TYPE_CHECKING:  # the model stack (torch) loads only for the commands that need it
-    from fvlm_pacs.model.prompt_selection import NegativeChoice
+    from fvlm_pacs.model.prompt_selection import PromptChoice
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,19 @@ def parser() -> argparse.ArgumentParser:
         "with this probability (1: the whole text, FVLM.md's training)",
     )
     demo.add_argument(
+        "--whole-text-anatomies",
+        help="with --sentence-keep under 1: anatomies (comma-separated, or 'none') whose texts "
+        "are always whole, e.g. heart, whose cardiomegaly mostly comes with coronary "
+        "calcification",
+    )
+    demo.add_argument(
+        "--positive-prompts",
+        choices=["table", "report-sentences"],
+        help="the positive prompts: mappings/findings.yaml's, or per finding that or one of the "
+        "train part's report sentences that say the finding, whichever ranks the validation "
+        "images better (needs --negative-prompts val-selected)",
+    )
+    demo.add_argument(
         "--heldout-cases",
         type=int,
         help="independent phantoms (seeds from 100000) the card also reports (0: none)",
@@ -328,6 +341,7 @@ def _build_demo(args: argparse.Namespace) -> int:
         "vit_width",
         "objective",
         "negative_prompts",
+        "positive_prompts",
         "sentence_keep",
         "heldout_cases",
     )
@@ -340,6 +354,11 @@ def _build_demo(args: argparse.Namespace) -> int:
         given["histogram_context"] = args.histogram_context == "on"
     elif args.histograms == "off":  # surroundings are histograms too: off with them
         given["histogram_context"] = False
+    if args.whole_text_anatomies is not None:
+        names = args.whole_text_anatomies.split(",")
+        given["whole_text_anatomies"] = tuple(
+            n.strip() for n in names if n.strip() and n.strip() != "none"
+        )
     try:
         recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
         out = build_demo(recipe, args.work, args.out)
@@ -406,7 +425,7 @@ def _select_prompts(args: argparse.Namespace) -> int:
 
 def _choices_on_training_texts(
     model_path: Path, config: Path
-) -> tuple[str, tuple[NegativeChoice, ...]]:
+) -> tuple[str, tuple[PromptChoice, ...]]:
     """``select-prompts --config``: the training reports, refused unless they are the model's."""
     from fvlm_pacs.model.prompt_selection import select_on_training_reports
     from fvlm_pacs.model.provenance import TRAINING_CASES_FILE, training_overlap

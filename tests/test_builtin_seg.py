@@ -131,7 +131,7 @@ def test_training_is_deterministic_per_seed(runs: Trained, tmp_path: Path) -> No
 
 def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> None:
     """A tiny recipe end to end (with anatomy histograms, so they are trained, calibrated and
-    served, and sentence subsets): the network lands in <out>/segmentation, loads through the factory, and the card
+    served, and sentence subsets but for the heart's): the network lands in <out>/segmentation, loads through the factory, and the card
     reports its held-out Dice."""
     recipe = DemoRecipe(
         cases=6,
@@ -142,6 +142,7 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
         hierarchical_stem=True,
         histograms=True,
         sentence_keep=0.5,
+        whole_text_anatomies=("heart",),
         heldout_cases=2,
     )
     out = build_demo(recipe, tmp_path / "work", tmp_path / "demo")
@@ -153,7 +154,8 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
     assert "--stem hierarchical" in card and "hierarchical stem" in card
     assert "--histograms on" in card and "HU histogram" in card  # trained, scored, served
     assert "histograms count the HU inside each mask" in card  # the limit it brings
-    assert "--sentence-keep 0.5 " in card and "kept with p = 0.5" in card
+    assert "--sentence-keep 0.5 " in card and "kept with p = 0.5 (heart: whole texts)" in card
+    assert "--whole-text-anatomies heart " in card and "--positive-prompts table " in card
     # the model's own negative prompts ship with it and the thresholds name them
     assert (out / "prompts.yaml").is_file() and "--negative-prompts normal-template" in card
     recorded = json.loads((out / "thresholds.json").read_text())["prompts"]

@@ -96,13 +96,25 @@ def test_build_demo_command_uses_the_recipe_defaults(
     keep = ["--sentence-keep", "1", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *keep]) == 0
     assert main(["model", "build-demo", "--sentence-keep", "0", "--work", str(tmp_path)]) == 2
+    whole = ["--whole-text-anatomies", "heart,aorta", "--work", str(tmp_path)]
+    assert main(["model", "build-demo", *whole]) == 0
+    none = ["--whole-text-anatomies", "none", "--positive-prompts", "report-sentences"]
+    assert main(["model", "build-demo", *none, "--work", str(tmp_path)]) == 0
+    liver = ["--whole-text-anatomies", "liver", "--work", str(tmp_path)]
+    assert main(["model", "build-demo", *liver]) == 2
+    release = ["--positive-prompts", "report-sentences", "--negative-prompts", "release"]
+    assert main(["model", "build-demo", *release, "--work", str(tmp_path)]) == 2
     assert seen[0] == demo_build.DemoRecipe()
     assert seen[1] == demo_build.DemoRecipe(steps=7)
     assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=False)
     assert seen[3] == demo_build.DemoRecipe(histograms=False, histogram_context=False)
     assert seen[4] == demo_build.DemoRecipe(histogram_context=False)
     assert seen[5] == demo_build.DemoRecipe(sentence_keep=1.0)
-    assert len(seen) == 6  # sentence_keep 0 is refused before any build
+    assert seen[6] == demo_build.DemoRecipe(whole_text_anatomies=("heart", "aorta"))
+    assert seen[7] == demo_build.DemoRecipe(
+        whole_text_anatomies=(), positive_prompts="report-sentences"
+    )
+    assert len(seen) == 8  # sentence_keep 0, liver, positives with release: refused before
     # the shipped model is what the default recipe builds: its card's rebuild line, version
     # and network are the defaults'
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -119,6 +131,14 @@ def test_build_demo_command_uses_the_recipe_defaults(
     # cards before the option trained on whole texts, which is the default's 1
     assert f"--sentence-keep {recipe.sentence_keep:g} " in rebuild or (
         "--sentence-keep" not in rebuild and recipe.sentence_keep == 1.0
+    )
+    # cards before these options had neither: whole texts nowhere, the table's positives
+    whole_texts = ",".join(recipe.whole_text_anatomies) or "none"
+    assert f"--whole-text-anatomies {whole_texts} " in rebuild or (
+        "--whole-text-anatomies" not in rebuild and not recipe.whole_text_anatomies
+    )
+    assert f"--positive-prompts {recipe.positive_prompts} " in rebuild or (
+        "--positive-prompts" not in rebuild and recipe.positive_prompts == "table"
     )
     meta = read_meta(DEMO)
     assert meta["version"] == recipe.version

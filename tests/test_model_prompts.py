@@ -174,3 +174,46 @@ def test_val_selected_scores_each_candidate_and_keeps_the_chosen_scores(
         assert dict(choices[0].candidates).keys() == {"Not Emphysema.", LUNG_NORMAL}
     assert "validation part's images" in prompts_wording("val-selected")
     assert "never the test part" in "\n".join(prompt_choices_section(choices, "val-selected"))
+
+
+def test_positive_candidates_are_chosen_after_the_negative_and_scored_as_served(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With candidate positives and the case minimum lowered to one (a random model on four
+    phantoms), each finding keeps the positive with the best AUC under its chosen negative
+    (the table's on a tie), and the scores handed to calibration are those the predictor gives
+    once the written prompts.yaml is loaded."""
+    from fvlm_pacs.evaluation import roc_auc
+    from fvlm_pacs.model import prompt_selection
+
+    monkeypatch.setattr(prompt_selection, "MIN_IMAGE_CASES", 1)
+    own = tmp_path / "own"
+    shutil.copytree(model_dir, own)
+    phantoms = write_dataset(4, 3, tmp_path / "data", spec=PhantomSpec(shape=(32, 48, 64)))
+    cases = tuple(f"case_{i:05d}" for i in range(4))
+    extra = ("Consolidation of the lower lobe.", "Pulmonary consolidation.")
+    positives = {f.name: (f.positive, *extra) for f in FINDINGS if f.anatomy == "lung"}
+    choices, scored = select_on_images(own, phantoms.parent, cases, positives=positives)
+    served = score_cases(Predictor(own, device="cpu"), phantoms.parent, cases)
+    moved = 0
+    for c in choices:
+        if c.finding not in positives:
+            assert c.positives == () and c.scored_positive == c.positive
+        else:
+            assert [t for t, _ in c.positives] == list(positives[c.finding])
+            aucs = [a for _, a in c.positives]
+            if all(a is not None for a in aucs):
+                assert dict(c.positives)[c.scored_positive] == max(aucs)  # type: ignore[type-var]
+                assert c.scored_positive == c.positive or aucs[0] < max(aucs)  # type: ignore[operator]
+            moved += c.scored_positive != c.positive
+        np.testing.assert_allclose(
+            scored.scores[c.finding], served.scores[c.finding], rtol=0, atol=1e-6
+        )
+        y = served.labels[c.finding]
+        if c.positives and 0 < y.sum() < len(y):
+            assert roc_auc(served.scores[c.finding], y) == pytest.approx(
+                dict(c.positives)[c.scored_positive]
+            )
+    assert moved > 0  # a random model prefers some other wording somewhere
+    with pytest.raises(ValueError, match="must start with the table's"):
+        select_on_images(own, phantoms.parent, cases, positives={"emphysema": ("Other.",)})

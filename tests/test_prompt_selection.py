@@ -1,4 +1,5 @@
-"""Per-finding negative prompts chosen on the training texts (``text-selected``).
+"""Per-finding prompts: negatives chosen on the training texts (``text-selected``) or images,
+positives mined from the training reports.
 
 The text encoder here is a lookup table of hand-placed unit vectors in R³, so every margin and
 AUC below is a hand computation: each positive prompt sits on x, each table negative ("Not X.")
@@ -20,8 +21,10 @@ from fvlm_pacs.codes import load_anatomies, load_findings
 from fvlm_pacs.model.demo_build import DemoRecipe, prompt_choices_section, prompts_wording
 from fvlm_pacs.model.model_prompts import PROMPTS_FILE, apply_model_prompts
 from fvlm_pacs.model.prompt_selection import (
+    PromptChoice,
     TrainingTexts,
     candidate_negatives,
+    candidate_positives,
     choices_table,
     select_negatives,
     select_negatives_on_images,
@@ -187,3 +190,92 @@ def test_on_images_the_candidate_that_ranks_them_best_wins() -> None:
     assert aucs(got["hiatal_hernia"]) == [1.0, 1.0] and not got["hiatal_hernia"].changed
     assert got["arterial_wall_calcification"].with_finding == 1
     assert not got["arterial_wall_calcification"].changed
+
+
+# --- positive prompts in the reports' own words ----------------------------------------------
+def test_candidate_positives_are_the_sentences_that_say_the_finding() -> None:
+    """40 cases, cardiomegaly in 0-19 (case 39's label not given). "Cardiac enlargement is
+    noted." is in 14 of them, "Enlarged heart." in 11 plus one without, "Heart is big." in 9
+    (too few), "Coronary calcification." in 12 with and 12 without (names another finding),
+    "Cardiomegaly." — the table's own words — in all 20: the table's stays first and once."""
+    n = 40
+    labels = np.full((n, len(FINDINGS)), -1, dtype=np.int64)
+    col = FINDINGS.index("cardiomegaly")
+    texts = []
+    for i in range(n):
+        has = i < 20
+        labels[i, col] = int(has)
+        sentences = []
+        if has and i < 14:
+            sentences.append("Cardiac enlargement is noted.")
+        if (has and i >= 9) or i == 20:
+            sentences.append("Enlarged heart.")
+        if has and i < 9:
+            sentences.append("Heart is big.")
+        if i % 20 < 12:
+            sentences.append("Coronary calcification.")
+        if has:
+            sentences.append("Cardiomegaly.")
+        texts.append(case(heart=" ".join(sentences)))
+    labels[39, col] = -1
+    data = TrainingTexts(CT_RATE_ANATOMIES, tuple(texts), labels)
+    cardio = BY_NAME["cardiomegaly"]
+    assert candidate_positives(cardio, data) == (
+        "Cardiomegaly.",
+        "Cardiac enlargement is noted.",
+        "Enlarged heart.",
+    )
+    assert candidate_positives(cardio, data, limit=1) == (
+        "Cardiomegaly.",
+        "Cardiac enlargement is noted.",
+    )
+    assert candidate_positives(cardio, data, min_cases=9)[-1] == "Heart is big."
+    # 11 of 12 is under a precision of 0.95; 14 of 14 is not
+    assert candidate_positives(cardio, data, min_precision=0.95) == (
+        "Cardiomegaly.",
+        "Cardiac enlargement is noted.",
+    )
+    # a finding no case is labelled for keeps the table's only
+    assert candidate_positives(BY_NAME["hiatal_hernia"], data) == (
+        BY_NAME["hiatal_hernia"].positive,
+    )
+
+
+def test_a_chosen_positive_reaches_the_prompts_file_and_the_card(tmp_path: Path) -> None:
+    cardio, hernia = BY_NAME["cardiomegaly"], BY_NAME["hiatal_hernia"]
+    picked = [
+        PromptChoice(
+            finding="cardiomegaly",
+            positive=cardio.positive,
+            table_negative=cardio.negative,
+            candidates=((cardio.negative, 0.6), (normal_text("heart"), 0.7)),
+            chosen=normal_text("heart"),
+            with_finding=8,
+            without_finding=30,
+            positives=(("Cardiomegaly.", 0.7), ("Cardiac enlargement.", 0.9)),
+            chosen_positive="Cardiac enlargement.",
+        ),
+        PromptChoice(
+            finding="hiatal_hernia",
+            positive=hernia.positive,
+            table_negative=hernia.negative,
+            candidates=((hernia.negative, 0.8), (normal_text("esophagus"), 0.7)),
+            chosen=hernia.negative,
+            with_finding=8,
+            without_finding=30,
+            positives=((hernia.positive, 0.8), ("Small hiatal hernia.", 0.8)),
+            chosen_positive=hernia.positive,
+        ),
+    ]
+    assert picked[0].changed and not picked[1].changed
+    path = write_choices(tmp_path / PROMPTS_FILE, picked)
+    assert path is not None
+    assert yaml.safe_load(path.read_text())["findings"] == {
+        "cardiomegaly": {"positive": "Cardiac enlargement.", "negative": normal_text("heart")}
+    }
+    loaded = {d.name: d for d in apply_model_prompts(path, TABLE)}
+    assert loaded["cardiomegaly"].positive == "Cardiac enlargement."
+    table = choices_table(picked)
+    assert "| positive scored with | its AUC | table's positive |" in table
+    assert "| Cardiac enlargement. | 0.900 | 0.700 |" in table
+    assert "| Hiatal hernia. | 0.800 | 0.800 |" in table

@@ -33,9 +33,11 @@ from fvlm_pacs.model.histogram import HISTOGRAM_EDGES
 from fvlm_pacs.model.model_prompts import PROMPTS_FILE, write_model_prompts
 from fvlm_pacs.model.predictor import THRESHOLDS_FILE, Predictor
 from fvlm_pacs.model.prompt_selection import (
-    NegativeChoice,
+    POSITIVE_CANDIDATES,
+    PromptChoice,
     choices_table,
     model_findings,
+    positives_from_training_reports,
     select_on_images,
     select_on_training_reports,
     write_choices,
@@ -78,6 +80,11 @@ lung and heart masks (1 and 4 voxels carried the same in ``bench/histogram_probe
 
 
 NEGATIVE_PROMPTS = ("release", "normal-template", "text-selected", "val-selected")
+POSITIVE_PROMPTS = ("table", "report-sentences")
+"""``table``: the positive prompts of ``mappings/findings.yaml``; ``report-sentences``: per
+finding, the table's or one of the training reports' sentences that say the finding, whichever
+ranks the validation images best (:func:`~fvlm_pacs.model.prompt_selection.candidate_positives`;
+only with ``val-selected`` negatives)."""
 """The demo's negative prompts: the release's "Not X." of ``mappings/findings.yaml`` (words the
 demo's text tower never saw); each anatomy's normal template ("Lung shows no significant
 abnormalities.", what every normal anatomy is trained on); or per finding whichever of the two
@@ -124,6 +131,7 @@ class DemoRecipe:
 
     def __post_init__(self) -> None:
         # fail before minutes of phantom writing, not when training starts
+        object.__setattr__(self, "whole_text_anatomies", tuple(self.whole_text_anatomies))
         if self.objective not in ("fvlm", "fvlm-coteach"):
             raise ConfigError(f"objective: fvlm or fvlm-coteach, got {self.objective!r}")
         if self.heldout_cases < 0:
@@ -142,9 +150,23 @@ class DemoRecipe:
             raise ConfigError(
                 f"negative_prompts: one of {NEGATIVE_PROMPTS}, got {self.negative_prompts!r}"
             )
+        if self.positive_prompts not in POSITIVE_PROMPTS:
+            raise ConfigError(
+                f"positive_prompts: one of {POSITIVE_PROMPTS}, got {self.positive_prompts!r}"
+            )
+        if self.positive_prompts != "table" and self.negative_prompts != "val-selected":
+            raise ConfigError(
+                f"positive_prompts {self.positive_prompts!r} is chosen on the validation images: "
+                "it needs negative_prompts val-selected"
+            )
         data = self.model_config()
         data["text"]["vocab_size"] = 1  # any size: only the shapes are checked here
-        ModelConfig.from_dict(data)
+        anatomies = ModelConfig.from_dict(data).anatomies
+        unknown = sorted(set(self.whole_text_anatomies) - set(anatomies))
+        if unknown:
+            raise ConfigError(
+                f"whole_text_anatomies: {unknown[0]!r} is not one of {', '.join(anatomies)}"
+            )
 
     def model_config(self) -> dict[str, Any]:
         """The network to train, as a model config without vocabulary size (the trainer fills
@@ -173,8 +195,10 @@ class DemoRecipe:
     histograms: bool = True
     histogram_context: bool = True
     sentence_keep: float = 0.5
+    whole_text_anatomies: tuple[str, ...] = ()
     objective: str = "fvlm"
     negative_prompts: str = "val-selected"
+    positive_prompts: str = "table"
     heldout_cases: int = 200
     version: str = "5"
 
@@ -230,6 +254,7 @@ def training_config(
         name=DEMO_NAME,
         version=recipe.version,
         sentence_keep=recipe.sentence_keep,
+        whole_text_anatomies=recipe.whole_text_anatomies,
     )
 
 
@@ -257,13 +282,17 @@ def finish_demo(
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(trained, staging, ignore=shutil.ignore_patterns(*AFTER_TRAINING))
-    choices = write_demo_prompts(
-        recipe, staging, training_config(recipe, train_manifest, work_dir, device)
-    )
+    training = training_config(recipe, train_manifest, work_dir, device)
+    choices = write_demo_prompts(recipe, staging, training)
     t0 = time.perf_counter()
     root = manifest.parent
     if recipe.negative_prompts == "val-selected":
-        choices, val = select_on_images(staging, root, split.val, device)
+        positives = (
+            positives_from_training_reports(staging, training)
+            if recipe.positive_prompts == "report-sentences"
+            else None
+        )
+        choices, val = select_on_images(staging, root, split.val, device, positives)
         predictor = Predictor(staging, device=device)
     else:
         predictor = Predictor(staging, device=device)
@@ -327,7 +356,7 @@ def finish_demo(
 
 def write_demo_prompts(
     recipe: DemoRecipe, model_dir: Path, training: TrainConfig
-) -> tuple[NegativeChoice, ...]:
+) -> tuple[PromptChoice, ...]:
     """The model's own negative prompts (``prompts.yaml``) when the recipe asks for them;
     ``training`` is the run that made ``model_dir`` (its texts decide ``text-selected``).
     Returns the per-finding choices of ``text-selected`` (empty otherwise; ``val-selected`` is
@@ -351,7 +380,7 @@ def model_card(
     split_sizes: Any,
     timings: dict[str, float],
     segmentation: dict[str, Any] | None = None,
-    prompt_choices: Sequence[NegativeChoice] = (),
+    prompt_choices: Sequence[PromptChoice] = (),
     heldout: EvalReport | None = None,
 ) -> str:
     """The model card: what the model is, what it was trained on, how well it does, and how to
@@ -424,6 +453,11 @@ def model_card(
         f"10 %, cosine decay, crop {list(recipe.crop)}, flips p = 0.2"
         + (
             f", each sentence of an abnormal anatomy's text kept with p = {recipe.sentence_keep:g}"
+            + (
+                f" ({', '.join(recipe.whole_text_anatomies)}: whole texts)"
+                if recipe.whole_text_anatomies
+                else ""
+            )
             if recipe.sentence_keep < 1.0
             else ""
         )
@@ -438,7 +472,7 @@ def model_card(
         "## Zero-shot results on the held-out test part",
         "",
         f"Mean AUC {mean_txt} (findings with both classes in the test part). Prompts: "
-        + prompts_wording(recipe.negative_prompts),
+        + prompts_wording(recipe.negative_prompts, recipe.positive_prompts),
         "",
         *prompt_choices_section(prompt_choices, recipe.negative_prompts),
         report.to_markdown(),
@@ -460,10 +494,12 @@ def model_card(
         f"fvlm-pacs model build-demo --cases {recipe.cases} --steps {recipe.steps} "
         f"--seg-steps {recipe.seg_steps} --seed {recipe.seed} --vit-width {recipe.vit_width} "
         f"--objective {recipe.objective} --negative-prompts {recipe.negative_prompts} "
+        f"--positive-prompts {recipe.positive_prompts} "
         f"--stem {'hierarchical' if recipe.hierarchical_stem else 'patch'} "
         f"--histograms {'on' if recipe.histograms else 'off'} "
         f"--histogram-context {'on' if recipe.histogram_context else 'off'} "
         f"--sentence-keep {recipe.sentence_keep:g} "
+        f"--whole-text-anatomies {','.join(recipe.whole_text_anatomies) or 'none'} "
         f"--heldout-cases {recipe.heldout_cases}",
         "```",
         "",
@@ -494,11 +530,18 @@ def heldout_section(recipe: DemoRecipe, report: EvalReport | None) -> list[str]:
     ]
 
 
-def prompts_wording(negative_prompts: str) -> str:
+def prompts_wording(negative_prompts: str, positive_prompts: str = "table") -> str:
     """The card's sentence on which prompts the results below were scored with."""
     if negative_prompts == "release":
         return "the positive/negative pairs of `mappings/findings.yaml`."
-    lead = 'the positive prompts of `mappings/findings.yaml` ("Emphysema."); as negative prompt '
+    lead = (
+        'the positive prompts of `mappings/findings.yaml` ("Emphysema."); as negative prompt '
+        if positive_prompts == "table"
+        else 'as positive prompt per finding the one of `mappings/findings.yaml` ("Emphysema.") '
+        "or a sentence of the train part's reports that says the finding (up to "
+        f"{POSITIVE_CANDIDATES}, those most used), whichever ranks the validation part's "
+        "images better with the negative chosen first; as negative prompt "
+    )
     template = (
         'each anatomy\'s normal template ("Lung shows no significant abnormalities.", the '
         "text every normal anatomy was trained on)"
@@ -519,7 +562,7 @@ def prompts_wording(negative_prompts: str) -> str:
 
 
 def prompt_choices_section(
-    choices: Sequence[NegativeChoice], negative_prompts: str = "text-selected"
+    choices: Sequence[PromptChoice], negative_prompts: str = "text-selected"
 ) -> list[str]:
     """The per-finding negative prompts and the AUCs they were chosen by."""
     if not choices:
@@ -532,6 +575,11 @@ def prompt_choices_section(
         else "Negative prompts, chosen on the validation part's images (the cases the "
         "thresholds are calibrated on; never the test part or the independent phantoms): the "
         "zero-shot AUC with each candidate (`fvlm_pacs.model.prompt_selection`)."
+        + (
+            " Then, with the chosen negative, the positive prompts on the same images."
+            if any(c.positives for c in choices)
+            else ""
+        )
     )
     return [
         how,

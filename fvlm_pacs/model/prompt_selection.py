@@ -1,4 +1,4 @@
-"""Per-finding negative prompts: the candidate that ranks a finding's cases the right way round.
+"""Per-finding prompts: the candidate pair that ranks a finding's cases the right way round.
 
 Why: zero-shot scoring asks whether an anatomy embedding lies nearer the positive prompt
 ("Emphysema.") or the negative one, and a model trained from scratch places the negative only
@@ -26,6 +26,15 @@ with or without the finding, keeps the table's):
   had learned little, it chose the template for emphysema and hiatal hernia and the held-out
   mean fell 0.639 → 0.583 and 0.615 → 0.579; on the shipped run it kept hiatal hernia inverted
   (``bench/README.md``).
+
+**Positive prompts in the reports' own words** (:func:`candidate_positives`, on images only):
+besides the table's "Cardiomegaly.", the sentences of the training reports that say the finding
+— those at least :data:`MIN_CASES` training cases with the finding use for the anatomy, and that
+at least :data:`MIN_PRECISION` of the cases using them have — ranked by how many cases use them,
+up to :data:`POSITIVE_CANDIDATES`. A model trained on its reports places a finding where they
+say it, and a report says "Cardiac enlargement is noted." more often than the table's word. The
+choice is greedy: the negative first, with the table's positive (as before positives were
+candidates), then the positive with that negative, both on the validation images.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import torch
 from ..codes import FindingDefinition, load_findings
 from ..evaluation import roc_auc
 from ..phantoms import FINDINGS
-from ..reports import normal_text
+from ..reports import normal_text, split_sentences
 from .checkpoint import read_meta
 from .config import ModelConfig
 from .dataset import ManifestDataset
@@ -59,6 +68,13 @@ MIN_CASES = 10
 MIN_IMAGE_CASES = 5
 """The same for labelled images: a wrong polarity shows as an AUC far below 0.5 on a few cases
 (a 144-case validation part holds 8 pericardial effusions)."""
+
+POSITIVE_CANDIDATES = 3
+"""Report sentences tried as a finding's positive prompt besides the table's."""
+MIN_PRECISION = 0.9
+"""Share of the training cases using a sentence (for the finding's anatomy) that must have the
+finding before the sentence is a candidate positive: "Coronary artery calcification." in a heart
+whose cardiomegaly it accompanies names another finding."""
 
 TextEncoder = Callable[[list[str]], torch.Tensor]
 """``texts -> [N, E]`` L2-normalised embeddings, e.g. ``FvlmModel.encode_text``."""
@@ -90,8 +106,10 @@ def training_texts(dataset: ManifestDataset, rows: Sequence[int] | None = None) 
 
 
 @dataclass(frozen=True)
-class NegativeChoice:
-    """The negative prompt chosen for one finding, with the text-side AUC of every candidate."""
+class PromptChoice:
+    """The prompts chosen for one finding: the negative, with the AUC of every candidate
+    negative (paired with the table's positive), and — on images — the positive, with the AUC
+    of every candidate positive (paired with the chosen negative)."""
 
     finding: str
     positive: str
@@ -100,11 +118,27 @@ class NegativeChoice:
     chosen: str
     with_finding: int
     without_finding: int
+    positives: tuple[tuple[str, float | None], ...] = ()
+    chosen_positive: str = ""
+
+    @property
+    def scored_positive(self) -> str:
+        """The positive prompt the model is scored with (the table's unless one was chosen)."""
+        return self.chosen_positive or self.positive
 
     @property
     def changed(self) -> bool:
         """Whether the model's wording differs from the findings table's."""
-        return self.chosen != self.table_negative
+        return self.chosen != self.table_negative or self.scored_positive != self.positive
+
+    def overrides(self) -> dict[str, str]:
+        """What ``prompts.yaml`` must say for this finding (empty: the table's pair)."""
+        out = {}
+        if self.scored_positive != self.positive:
+            out["positive"] = self.scored_positive
+        if self.chosen != self.table_negative:
+            out["negative"] = self.chosen
+        return out
 
 
 def candidate_negatives(definition: FindingDefinition) -> tuple[str, ...]:
@@ -153,7 +187,7 @@ def select_negatives(
     findings: Sequence[FindingDefinition],
     *,
     min_cases: int = MIN_CASES,
-) -> tuple[NegativeChoice, ...]:
+) -> tuple[PromptChoice, ...]:
     """Per finding, the candidate negative (:func:`candidate_negatives`) whose pair orders the
     training texts best; see the module docstring for the rule."""
     if not data.texts:
@@ -180,7 +214,7 @@ def select_negatives_on_images(
     labels: Mapping[str, np.ndarray],
     *,
     min_cases: int = MIN_IMAGE_CASES,
-) -> tuple[NegativeChoice, ...]:
+) -> tuple[PromptChoice, ...]:
     """Per finding, the candidate negative whose zero-shot scores rank labelled images best.
 
     ``scores[c][finding]`` are the scores of the images (e.g. the validation part, which
@@ -212,88 +246,195 @@ def choose(
     aucs: Sequence[float | None],
     labels: np.ndarray,
     min_cases: int,
-) -> NegativeChoice:
-    """The candidate with the highest AUC; the table's (the first) on a tie, when no AUC is
-    defined, or when fewer than ``min_cases`` cases carry (or lack) the finding."""
-    pos, neg = int((labels == 1).sum()), int((labels == 0).sum())
-    chosen = definition.negative
-    if min(pos, neg) >= min_cases:
-        best = None
-        for text, auc in zip(negatives, aucs, strict=True):
-            if auc is not None and (best is None or auc > best):
-                chosen, best = text, auc
-    return NegativeChoice(
+) -> PromptChoice:
+    """The negative of :func:`best_candidate` (``negatives[0]`` is the table's)."""
+    return PromptChoice(
         finding=definition.name,
         positive=definition.positive,
         table_negative=definition.negative,
         candidates=tuple(zip(negatives, aucs, strict=True)),
-        chosen=chosen,
-        with_finding=pos,
-        without_finding=neg,
+        chosen=best_candidate(negatives, aucs, labels, min_cases),
+        with_finding=int((labels == 1).sum()),
+        without_finding=int((labels == 0).sum()),
     )
 
 
-def write_choices(path: Path, choices: Sequence[NegativeChoice]) -> Path | None:
-    """The model's ``prompts.yaml`` with the findings whose chosen negative is not the table's;
+def best_candidate(
+    texts: Sequence[str], aucs: Sequence[float | None], labels: np.ndarray, min_cases: int
+) -> str:
+    """The text with the highest AUC; the first (the table's) on a tie, when no AUC is
+    defined, or when fewer than ``min_cases`` cases carry (or lack) the finding."""
+    chosen = texts[0]
+    if min(int((labels == 1).sum()), int((labels == 0).sum())) >= min_cases:
+        best = None
+        for text, auc in zip(texts, aucs, strict=True):
+            if auc is not None and (best is None or auc > best):
+                chosen, best = text, auc
+    return chosen
+
+
+def write_choices(path: Path, choices: Sequence[PromptChoice]) -> Path | None:
+    """The model's ``prompts.yaml`` with the findings whose chosen prompts are not the table's;
     an existing file is removed when none differs (the table's prompts then apply)."""
-    changed = {c.finding: {"negative": c.chosen} for c in choices if c.changed}
+    changed = {c.finding: c.overrides() for c in choices if c.changed}
     if not changed:
         path.unlink(missing_ok=True)
         return None
     return write_model_prompts(path, changed)
 
 
-def choices_table(choices: Sequence[NegativeChoice]) -> str:
+def choices_table(choices: Sequence[PromptChoice]) -> str:
     """Markdown: per finding, the AUC (text side or images, as chosen) of the table's negative
-    and of the template, and which one the model is scored with."""
+    and of the template, and which one the model is scored with; where positives were
+    candidates too, the positive scored with and its AUC beside the table's positive's."""
 
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    lines = [
-        "| finding | cases with / without | table's negative | normal template | scored with |",
-        "|---|---|---|---|---|",
-    ]
+    with_positives = any(c.positives for c in choices)
+    head = "| finding | cases with / without | table's negative | normal template | scored with |"
+    rule = "|---|---|---|---|---|"
+    if with_positives:
+        head += " positive scored with | its AUC | table's positive |"
+        rule += "---|---:|---:|"
+    lines = [head, rule]
     for c in choices:
         aucs = dict(c.candidates)
         template = next((t for t in aucs if t != c.table_negative), None)
-        lines.append(
+        line = (
             f"| {c.finding} | {c.with_finding} / {c.without_finding} "
             f"| {fmt(aucs[c.table_negative])} "
             f"| {fmt(aucs[template]) if template is not None else 'n/a'} "
-            f"| {'normal template' if c.changed else 'table'} |"
+            f"| {'normal template' if c.chosen != c.table_negative else 'table'} |"
         )
+        if with_positives:
+            positives = dict(c.positives)
+            line += (
+                f" {c.scored_positive} | {fmt(positives.get(c.scored_positive))} "
+                f"| {fmt(positives.get(c.positive))} |"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
+def candidate_positives(
+    definition: FindingDefinition,
+    data: TrainingTexts,
+    *,
+    limit: int = POSITIVE_CANDIDATES,
+    min_cases: int = MIN_CASES,
+    min_precision: float = MIN_PRECISION,
+) -> tuple[str, ...]:
+    """The table's positive prompt, then up to ``limit`` sentences of the training texts that
+    say the finding (module docstring: how many cases with the finding use each, and how few
+    without), most used first; a sentence equal to the table's (any case) is not repeated."""
+    out = [definition.positive]
+    if definition.name not in FINDINGS or definition.anatomy not in data.anatomies:
+        return tuple(out)
+    k = data.anatomies.index(definition.anatomy)
+    y = data.labels[:, FINDINGS.index(definition.name)]
+    with_finding: dict[str, int] = {}
+    labelled: dict[str, int] = {}
+    for texts, label in zip(data.texts, y, strict=True):
+        if label < 0:
+            continue
+        for sentence in set(split_sentences(texts[k])):
+            labelled[sentence] = labelled.get(sentence, 0) + 1
+            with_finding[sentence] = with_finding.get(sentence, 0) + int(label == 1)
+    ranked = sorted(
+        (t for t, n in with_finding.items() if n >= min_cases and n >= min_precision * labelled[t]),
+        key=lambda t: (-with_finding[t], t),
+    )
+    seen = {
+        t.casefold()
+        for t in (definition.positive, definition.negative, normal_text(definition.anatomy))
+    }
+    for text in ranked:
+        if len(out) > limit:
+            break
+        if text.casefold() not in seen:
+            seen.add(text.casefold())
+            out.append(text)
+    return tuple(out)
+
+
 def select_on_images(
-    model_dir: Path, root: Path, cases: tuple[str, ...], device: str = "cpu"
-) -> tuple[tuple[NegativeChoice, ...], LabelledScores]:
+    model_dir: Path,
+    root: Path,
+    cases: tuple[str, ...],
+    device: str = "cpu",
+    positives: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[tuple[PromptChoice, ...], LabelledScores]:
     """Score ``cases`` (labelled phantoms of the synthetic layout, e.g. the validation part)
-    through the model folder's :class:`~fvlm_pacs.model.Predictor` with each candidate negative
-    (each image encoded once, :func:`score_cases_shared`), keep per finding the better one
-    (:func:`select_negatives_on_images`) in its ``prompts.yaml``, and return the choices with
+    through the model folder's :class:`~fvlm_pacs.model.Predictor` with each candidate pair
+    (each image encoded once, :func:`score_cases_shared`), keep per finding the best negative
+    (:func:`select_negatives_on_images`, with the table's positive), then — where
+    ``positives`` gives a finding's candidates (:func:`candidate_positives`, the table's first)
+    — the best positive with that negative, in its ``prompts.yaml``, and return the choices with
     the scores of the chosen prompts — what calibration on the same cases needs (a finding's
-    score depends on its own pair only, so no third pass)."""
+    score depends on its own pair only, so no further pass)."""
     table = model_findings(model_dir)
-    # the candidates in candidate_negatives' order: the table's, then the normal template
-    template = tuple(dataclasses.replace(d, negative=candidate_negatives(d)[-1]) for d in table)
+    negatives = [candidate_negatives(d) for d in table]
+    given = positives or {}
+    pos = [tuple(given.get(d.name, ())) or (d.positive,) for d in table]
+    for d, p in zip(table, pos, strict=True):
+        if p[0] != d.positive:
+            raise ValueError(f"positives: {d.name}'s candidates must start with the table's")
+    grid = [(i, j) for i in range(max(map(len, pos))) for j in range(2)]
+    variants = [
+        tuple(
+            dataclasses.replace(d, positive=p[min(i, len(p) - 1)], negative=n[min(j, len(n) - 1)])
+            for d, p, n in zip(table, pos, negatives, strict=True)
+        )
+        for i, j in grid
+    ]
     (model_dir / PROMPTS_FILE).unlink(missing_ok=True)  # score the candidates, not an old choice
     scored = score_cases_shared(
-        [Predictor(model_dir, device=device, findings=s) for s in (table, template)], root, cases
+        [Predictor(model_dir, device=device, findings=v) for v in variants], root, cases
     )
-    choices = select_negatives_on_images(table, [s.scores for s in scored], scored[0].labels)
+    by_pair = dict(zip(grid, scored, strict=True))
+    labels = scored[0].labels
+    choices = list(
+        select_negatives_on_images(table, [by_pair[(0, j)].scores for j in range(2)], labels)
+    )
+    picked = {}
+    for k, (d, p, n) in enumerate(zip(table, pos, negatives, strict=True)):
+        j = n.index(choices[k].chosen)
+        if len(p) > 1:
+            y = np.asarray(labels.get(d.name, np.zeros(0)), dtype=np.int64)
+            aucs = [
+                roc_auc(by_pair[(i, j)].scores[d.name], y) if y.size else None
+                for i in range(len(p))
+            ]
+            choices[k] = dataclasses.replace(
+                choices[k],
+                positives=tuple(zip(p, aucs, strict=True)),
+                chosen_positive=best_candidate(p, aucs, y, MIN_IMAGE_CASES),
+            )
+        i = p.index(choices[k].scored_positive)
+        picked[d.name] = by_pair[(i, j)].scores[d.name]
     write_choices(model_dir / PROMPTS_FILE, choices)
-    picked = {
-        c.finding: scored[candidate_negatives(d).index(c.chosen)].scores[c.finding]
-        for c, d in zip(choices, table, strict=True)
-    }
-    return choices, LabelledScores(cases, picked, scored[0].labels)
+    if given:
+        log.info(
+            "positive prompts chosen on %d labelled images: %d finding(s) use a report sentence",
+            len(cases),
+            sum(c.scored_positive != c.positive for c in choices),
+        )
+    return tuple(choices), LabelledScores(cases, picked, labels)
 
 
-def select_on_training_reports(
+def positives_from_training_reports(
     model_dir: Path, training: TrainConfig
-) -> tuple[NegativeChoice, ...]:
+) -> dict[str, tuple[str, ...]]:
+    """:func:`candidate_positives` of every finding of the model in ``model_dir`` on the reports
+    of ``training``, read as the trainer read them (whole texts, its decomposer)."""
+    dataset = training.dataset(train=False)
+    dataset.anatomies = ModelConfig.from_dict(read_meta(model_dir)["model"]).anatomies
+    data = training_texts(dataset)
+    return {d.name: candidate_positives(d, data) for d in model_findings(model_dir)}
+
+
+def select_on_training_reports(model_dir: Path, training: TrainConfig) -> tuple[PromptChoice, ...]:
     """:func:`select_negatives` on the reports of ``training``, the run that made ``model_dir``,
     read as the trainer read them (its manifest, layout and ``normal_wording``)."""
     model = FvlmModel.from_checkpoint(model_dir, device="cpu").eval()
