@@ -20,6 +20,7 @@ from fvlm_pacs.errors import ConfigError, FvlmPacsError
 
 if TYPE_CHECKING:  # the model stack (torch) loads only for the commands that need it
     from fvlm_pacs.model.prompt_selection import PromptChoice
+    from fvlm_pacs.model.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,9 @@ def parser() -> argparse.ArgumentParser:
     )
     select = model_sub.add_parser(
         "select-prompts",
-        help="per finding, the negative prompt that ranks the model's training reports or "
-        "labelled validation images best (writes its prompts.yaml)",
+        help="per finding, the negative prompt (and with --positives-from the positive) that "
+        "ranks the model's training reports or labelled validation images best (writes its "
+        "prompts.yaml)",
     )
     select.add_argument("--model", type=Path, required=True, help="trained fVLM model folder")
     on = select.add_mutually_exclusive_group(required=True)
@@ -171,6 +173,13 @@ def parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         help="on labelled images: a phantom folder with manifest.csv (its validation split)",
+    )
+    select.add_argument(
+        "--positives-from",
+        type=Path,
+        metavar="CONFIG",
+        help="with --data: also try as each finding's positive prompt the sentences of the "
+        "training reports (this training YAML, the model's own) that say the finding",
     )
     select.add_argument("--seed", type=int, default=0, help="seed of the case split (--data)")
     select.add_argument("--dry-run", action="store_true", help="print the choices only")
@@ -392,10 +401,17 @@ def _select_prompts(args: argparse.Namespace) -> int:
 
     try:
         model_path = resolve_model_path(args.model)
+        if args.positives_from is not None and args.data is None:
+            raise ConfigError("--positives-from: positives are chosen on images, give --data")
         if args.config is not None:
             where, choices = _choices_on_training_texts(model_path, args.config)
         else:
             where, cases = _validation_cases(model_path, args.data, args.seed)
+            positives = (
+                _positives_from(model_path, args.positives_from)
+                if args.positives_from is not None
+                else None
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 # scored in a copy: the model folder changes only below, and only without
                 # --dry-run; its thresholds (made for other prompts) must not load
@@ -403,7 +419,7 @@ def _select_prompts(args: argparse.Namespace) -> int:
                 shutil.copytree(
                     model_path, work, ignore=shutil.ignore_patterns(THRESHOLDS_FILE, "*.yaml")
                 )
-                choices, _ = select_on_images(work, args.data, cases)
+                choices, _ = select_on_images(work, args.data, cases, positives=positives)
     except (FvlmPacsError, OSError, ValueError) as exc:
         print(f"fvlm-pacs: {exc}", file=sys.stderr)
         return 2
@@ -423,11 +439,18 @@ def _select_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _choices_on_training_texts(
-    model_path: Path, config: Path
-) -> tuple[str, tuple[PromptChoice, ...]]:
-    """``select-prompts --config``: the training reports, refused unless they are the model's."""
-    from fvlm_pacs.model.prompt_selection import select_on_training_reports
+def _positives_from(model_path: Path, config: Path) -> dict[str, tuple[str, ...]]:
+    """``select-prompts --positives-from``: candidate positives from the model's own training
+    reports (any case it was not trained on is refused, as with ``--config``)."""
+    from fvlm_pacs.model.prompt_selection import positives_from_training_reports
+
+    cfg = _own_training_config(model_path, config)
+    return positives_from_training_reports(model_path, cfg)
+
+
+def _own_training_config(model_path: Path, config: Path) -> TrainConfig:
+    """The training YAML ``config``, refused unless every case it lists trained ``model_path``
+    (when the model records its cases): validation and test reports stay unseen."""
     from fvlm_pacs.model.provenance import TRAINING_CASES_FILE, training_overlap
     from fvlm_pacs.model.train import TrainConfig
 
@@ -443,8 +466,19 @@ def _choices_on_training_texts(
             f"train {model_path}: prompts are chosen on its training reports only, so that "
             "validation and test cases stay unseen"
         )
+    return cfg
+
+
+def _choices_on_training_texts(
+    model_path: Path, config: Path
+) -> tuple[str, tuple[PromptChoice, ...]]:
+    """``select-prompts --config``: the training reports, refused unless they are the model's."""
+    from fvlm_pacs.model.prompt_selection import select_on_training_reports
+
+    cfg = _own_training_config(model_path, config)
     choices = select_on_training_reports(model_path, cfg)
-    return f"{len(ids)} training reports of {cfg.manifest} (text side)", choices
+    cases = len(cfg.dataset(train=False).records)
+    return f"{cases} training reports of {cfg.manifest} (text side)", choices
 
 
 def _validation_cases(model_path: Path, data: Path, seed: int) -> tuple[str, tuple[str, ...]]:

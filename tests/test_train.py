@@ -513,6 +513,14 @@ def test_cli_train(small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*select, "--data", str(unseen.parent), "--dry-run"]) == 0
     assert "validation images" in capsys.readouterr().out
     assert not (model / "prompts.yaml").exists()
+    # positive candidates come from its own training reports only, and are chosen on images
+    on_unseen = [*select, "--data", str(unseen.parent), "--dry-run"]
+    assert main([*on_unseen, "--positives-from", str(cfg)]) == 0
+    assert "validation images" in capsys.readouterr().out
+    assert main([*on_unseen, "--positives-from", str(other)]) == 2
+    assert "6 of 6 cases" in capsys.readouterr().err
+    assert main([*select, "--config", str(cfg), "--positives-from", str(cfg)]) == 2
+    assert "positives are chosen on images, give --data" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"manifest: {small}\nout_dir: out\nstepz: 2\n", encoding="utf-8")
     assert main(["train", "--config", str(bad)]) == 2
