@@ -327,7 +327,7 @@ def candidate_positives(
 ) -> tuple[str, ...]:
     """The table's positive prompt, then up to ``limit`` sentences of the training texts that
     say the finding (module docstring: how many cases with the finding use each, and how few
-    without), most used first; a sentence equal to the table's (any case) is not repeated."""
+    without), most used first; a sentence equal to the table's (ignoring case) is not repeated."""
     out = [definition.positive]
     if definition.name not in FINDINGS or definition.anatomy not in data.anatomies:
         return tuple(out)
