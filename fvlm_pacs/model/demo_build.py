@@ -80,11 +80,6 @@ lung and heart masks (1 and 4 voxels carried the same in ``bench/histogram_probe
 
 
 NEGATIVE_PROMPTS = ("release", "normal-template", "text-selected", "val-selected")
-POSITIVE_PROMPTS = ("table", "report-sentences")
-"""``table``: the positive prompts of ``mappings/findings.yaml``; ``report-sentences``: per
-finding, the table's or one of the training reports' sentences that say the finding, whichever
-ranks the validation images best (:func:`~fvlm_pacs.model.prompt_selection.candidate_positives`;
-only with ``val-selected`` negatives)."""
 """The demo's negative prompts: the release's "Not X." of ``mappings/findings.yaml`` (words the
 demo's text tower never saw); each anatomy's normal template ("Lung shows no significant
 abnormalities.", what every normal anatomy is trained on); or per finding whichever of the two
@@ -95,6 +90,11 @@ part). All but the first are written to the model's ``prompts.yaml``
 Which of the first two works is a coin toss per finding and per training run (a finding's
 reports can fall on either side of the pair); the text side predicts it as far as the images lie
 near their reports (on the 960-phantom runs, not on 168-phantom ones: ``bench/README.md``)."""
+POSITIVE_PROMPTS = ("table", "report-sentences")
+"""``table``: the positive prompts of ``mappings/findings.yaml``; ``report-sentences``: per
+finding, the table's or one of the training reports' sentences that say the finding, whichever
+ranks the validation images best (:func:`~fvlm_pacs.model.prompt_selection.candidate_positives`;
+only with ``val-selected`` negatives)."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ class DemoRecipe:
     (:data:`~fvlm_pacs.model.histogram.HISTOGRAM_EDGES`) joins its embedding,
     ``histogram_context`` whether the histogram of its surroundings (:data:`CONTEXT_SHELL`
     voxels) and its volume join too; the rest of the network is
-    :func:`~fvlm_pacs.model.config.tiny`.
+    :func:`~fvlm_pacs.model.config.tiny`. ``whole_text_anatomies`` are the anatomies whose texts
+    ``sentence_keep`` leaves whole, ``positive_prompts`` one of :data:`POSITIVE_PROMPTS`.
 
     The defaults are the shipped ``fvlm-demo 5``: 960 phantoms (seeds 1–960), the hierarchical
     stem, anatomy histograms with their surroundings and volumes, each sentence of an abnormal
