@@ -237,8 +237,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--whole-text-anatomies",
         help="with --sentence-keep under 1: anatomies (comma-separated, or 'none') whose texts "
-        "are always whole, e.g. heart, whose cardiomegaly mostly comes with coronary "
-        "calcification",
+        "are always whole, e.g. heart, so that cardiomegaly is never trained on a text that "
+        "names only the heart's other findings",
     )
     demo.add_argument(
         "--positive-prompts",
@@ -363,6 +363,8 @@ def _build_demo(args: argparse.Namespace) -> int:
         given["histogram_context"] = args.histogram_context == "on"
     elif args.histograms == "off":  # surroundings are histograms too: off with them
         given["histogram_context"] = False
+    if args.positive_prompts is None and args.negative_prompts not in (None, "val-selected"):
+        given["positive_prompts"] = "table"  # report sentences are chosen on validation images
     if args.whole_text_anatomies is not None:
         names = args.whole_text_anatomies.split(",")
         given["whole_text_anatomies"] = tuple(

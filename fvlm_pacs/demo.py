@@ -65,8 +65,11 @@ pericardial effusion of seed 19 (0.415 against its threshold 0.449); on its own 
 0.24), with two false positives (lung nodule 0.77 against 0.73, bronchiectasis 0.28 against
 0.18). ``fvlm-demo 5``, better on 200 held-out phantoms (0.833 against 0.806), finds two
 (pericardial effusion 0.81 against 0.64, cardiomegaly 0.35) and misses the pleural effusion
-(0.04 against 0.26), with one false positive (coronary calcification 0.16 against 0.05); the
-triage is HIGH either way. One phantom is a demonstration, not a measurement. About 1.5 s to
+(0.04 against 0.26), with one false positive (coronary calcification 0.16 against 0.05).
+``fvlm-demo 6`` (0.848) finds the same two (pericardial effusion 0.97 against 0.80,
+cardiomegaly 0.69 against 0.38), misses the pleural effusion (0.0004 against 0.013) and has one
+false positive (lung nodule 0.54 against 0.50); the triage is HIGH with each. One phantom is a
+demonstration, not a measurement. About 1.5 s to
 make; the whole demo about 20 s on two CPU cores."""
 STABLE_SECONDS = 2.0
 """Idle time after the last instance before the study counts as complete (30 s in production)."""

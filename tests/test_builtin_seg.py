@@ -139,6 +139,7 @@ def test_build_demo_ships_the_network(table: AnatomyTable, tmp_path: Path) -> No
         batch_size=2,
         seg_steps=2,
         negative_prompts="normal-template",
+        positive_prompts="table",
         hierarchical_stem=True,
         histograms=True,
         sentence_keep=0.5,

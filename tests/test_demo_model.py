@@ -104,6 +104,8 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert main(["model", "build-demo", *liver]) == 2
     release = ["--positive-prompts", "report-sentences", "--negative-prompts", "release"]
     assert main(["model", "build-demo", *release, "--work", str(tmp_path)]) == 2
+    # other negatives alone fall back to the table's positives (chosen on images only)
+    assert main(["model", "build-demo", "--negative-prompts", "text-selected", *whole[2:]]) == 0
     assert seen[0] == demo_build.DemoRecipe()
     assert seen[1] == demo_build.DemoRecipe(steps=7)
     assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=False)
@@ -114,7 +116,10 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert seen[7] == demo_build.DemoRecipe(
         whole_text_anatomies=(), positive_prompts="report-sentences"
     )
-    assert len(seen) == 8  # sentence_keep 0, liver, positives with release: refused before
+    assert seen[8] == demo_build.DemoRecipe(
+        negative_prompts="text-selected", positive_prompts="table"
+    )
+    assert len(seen) == 9  # sentence_keep 0, liver, positives with release: refused before
     # the shipped model is what the default recipe builds: its card's rebuild line, version
     # and network are the defaults'
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")

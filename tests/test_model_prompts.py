@@ -136,22 +136,26 @@ def test_the_demo_recipe_writes_its_negative_prompts(model_dir: Path, tmp_path: 
     shutil.copytree(model_dir, own)
     phantoms = write_dataset(3, 0, tmp_path / "data", spec=PhantomSpec(shape=(32, 48, 64)))
     training = TrainConfig(manifest=phantoms, out_dir=tmp_path / "run")
-    release = DemoRecipe(negative_prompts="release")
+    release = DemoRecipe(negative_prompts="release", positive_prompts="table")
     assert write_demo_prompts(release, own, training) == ()
     assert not (own / PROMPTS_FILE).exists()
-    write_demo_prompts(DemoRecipe(negative_prompts="normal-template"), own, training)
+    write_demo_prompts(
+        DemoRecipe(negative_prompts="normal-template", positive_prompts="table"), own, training
+    )
     got = {f.name: f for f in Predictor(own, device="cpu").findings}
     for f in FINDINGS:
         assert got[f.name].positive == f.positive
         assert got[f.name].negative == normal_text(f.anatomy)
     # text-selected reads the training reports; three phantoms are too few to move any finding
     # off the table (tests/test_prompt_selection.py has the rule), and the old file goes
-    choices = write_demo_prompts(DemoRecipe(negative_prompts="text-selected"), own, training)
+    choices = write_demo_prompts(
+        DemoRecipe(negative_prompts="text-selected", positive_prompts="table"), own, training
+    )
     assert [c.finding for c in choices] == [f.name for f in FINDINGS]
     assert not any(c.changed for c in choices) and not (own / PROMPTS_FILE).exists()
     assert sum(c.with_finding + c.without_finding for c in choices) == 3 * len(FINDINGS)
     with pytest.raises(ConfigError, match="negative_prompts"):
-        DemoRecipe(negative_prompts="none")
+        DemoRecipe(negative_prompts="none", positive_prompts="table")
 
 
 def test_val_selected_scores_each_candidate_and_keeps_the_chosen_scores(

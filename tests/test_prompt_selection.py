@@ -164,7 +164,10 @@ def test_the_card_states_the_rule_and_the_table(choices: dict) -> None:
     section = "\n".join(prompt_choices_section(list(choices.values())))
     assert "no image, no validation or test case" in section and table in section
     assert prompt_choices_section([]) == []  # release / normal-template: no such section
-    assert DemoRecipe(negative_prompts="text-selected").negative_prompts == "text-selected"
+    assert (
+        DemoRecipe(negative_prompts="text-selected", positive_prompts="table").negative_prompts
+        == "text-selected"
+    )
 
 
 # --- chosen on labelled images (val-selected) -------------------------------------------------
