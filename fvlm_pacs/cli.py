@@ -446,13 +446,14 @@ def _positives_from(model_path: Path, config: Path) -> dict[str, tuple[str, ...]
     reports (any case it was not trained on is refused, as with ``--config``)."""
     from fvlm_pacs.model.prompt_selection import positives_from_training_reports
 
-    cfg = _own_training_config(model_path, config)
+    cfg, _ = _own_training_config(model_path, config)
     return positives_from_training_reports(model_path, cfg)
 
 
-def _own_training_config(model_path: Path, config: Path) -> TrainConfig:
-    """The training YAML ``config``, refused unless every case it lists trained ``model_path``
-    (when the model records its cases): validation and test reports stay unseen."""
+def _own_training_config(model_path: Path, config: Path) -> tuple[TrainConfig, int]:
+    """The training YAML ``config`` and how many cases it lists, refused unless every one
+    trained ``model_path`` (when the model records its cases): validation and test reports stay
+    unseen."""
     from fvlm_pacs.model.provenance import TRAINING_CASES_FILE, training_overlap
     from fvlm_pacs.model.train import TrainConfig
 
@@ -468,7 +469,7 @@ def _own_training_config(model_path: Path, config: Path) -> TrainConfig:
             f"train {model_path}: prompts are chosen on its training reports only, so that "
             "validation and test cases stay unseen"
         )
-    return cfg
+    return cfg, len(ids)
 
 
 def _choices_on_training_texts(
@@ -477,9 +478,8 @@ def _choices_on_training_texts(
     """``select-prompts --config``: the training reports, refused unless they are the model's."""
     from fvlm_pacs.model.prompt_selection import select_on_training_reports
 
-    cfg = _own_training_config(model_path, config)
+    cfg, cases = _own_training_config(model_path, config)
     choices = select_on_training_reports(model_path, cfg)
-    cases = len(cfg.dataset(train=False).records)
     return f"{cases} training reports of {cfg.manifest} (text side)", choices
 
 
