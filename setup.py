@@ -33,6 +33,7 @@ setup(
         # fVLM: install torch first (README) so this range finds it and pulls no other build
         "torch>=2.4,<2.14",
         "monai>=1.4",
+        "scipy>=1.11",  # connected components of the lesion counts (fvlm_pacs.model.lesions)
         "transformers>=4.44",
         "safetensors>=0.4",
         # decoders for the compressed transfer syntaxes the SCP accepts

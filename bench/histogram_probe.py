@@ -44,8 +44,13 @@ from synthetic_zero_shot import bootstrap_diff, fmt  # noqa: E402  (bench/)
 from fvlm_pacs.codes import load_anatomies, load_findings  # noqa: E402
 from fvlm_pacs.evaluation import roc_auc  # noqa: E402
 from fvlm_pacs.model.dataset import read_synthetic  # noqa: E402
-from fvlm_pacs.model.histogram import HISTOGRAM_EDGES, anatomy_histograms  # noqa: E402
+from fvlm_pacs.model.histogram import (  # noqa: E402
+    HISTOGRAM_EDGES,
+    anatomy_histograms,
+    feature_count,
+)
 from fvlm_pacs.model.intensity import scale_hu  # noqa: E402
+from fvlm_pacs.model.lesions import anatomy_lesions  # noqa: E402
 from fvlm_pacs.model.zeroshot_eval import dataset_split, load_case  # noqa: E402
 
 PROFILE = "ct-rate"
@@ -61,7 +66,9 @@ def case_features(
     feats = anatomy_histograms(
         image, labels, len(anatomies), HISTOGRAM_EDGES, shell=shell, volume=True
     )
-    return feats[0].numpy(), truth
+    spacing = tuple(float(v) for v in volume.spacing)
+    lesions = anatomy_lesions(image, labels, len(anatomies), spacing)  # type: ignore[arg-type]
+    return torch.cat([feats, lesions], dim=-1)[0].numpy(), truth
 
 
 def collect(
@@ -106,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     x_te, y_te = collect(args.heldout, held_cases, anatomies.names, args.shell)
     feat_s = time.perf_counter() - t0
     own = len(HISTOGRAM_EDGES) + 1
-    sets = {"own": slice(0, own), "+surroundings,volume": slice(0, None)}
+    histograms = feature_count(HISTOGRAM_EDGES, args.shell, True)
+    sets = {
+        "own": slice(0, own),
+        "+surroundings,volume": slice(0, histograms),
+        "+lesions": slice(0, None),
+    }
 
     findings = tuple(f for f in findings if f.name in y_te and f.name in y_tr)
     names = [f.name for f in findings]
@@ -128,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     means = {c: float(np.mean([auc[c][n] for n in usable])) for c in columns}
     print(f"{'mean (' + str(len(usable)) + ' findings)':36s} {'':9s} " + " ".join(
         f"{fmt(means[c]):>21s}" for c in columns))  # fmt: skip
-    first, second = list(columns)
-    lo, hi = bootstrap_diff(columns[second], columns[first], y_te, usable, args.seed)
-    gain = means[second] - means[first]
-    print(f"\n{second} - {first} (paired bootstrap, 95 %): {gain:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    print()
+    for first, second in zip(list(columns), list(columns)[1:]):
+        lo, hi = bootstrap_diff(columns[second], columns[first], y_te, usable, args.seed)
+        gain = means[second] - means[first]
+        print(f"{second} - {first} (paired bootstrap, 95 %): {gain:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     return 0
 
 

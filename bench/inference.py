@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:
 from fvlm_pacs.domain import Volume  # noqa: E402 (after sys.path)
 from fvlm_pacs.model import FvlmModel, vit_b  # noqa: E402
 from fvlm_pacs.model.histogram import HISTOGRAM_EDGES, anatomy_histograms  # noqa: E402
+from fvlm_pacs.model.lesions import anatomy_lesions  # noqa: E402
 from fvlm_pacs.model.predictor import cast_linear_weights  # noqa: E402
 from fvlm_pacs.model.preprocess import anatomy_crops, context_crop, to_model_grid  # noqa: E402
 
@@ -85,6 +86,41 @@ def study() -> tuple[Volume, np.ndarray]:
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
     )
     return vol, labels
+
+
+def lesion_cost(repeats: int, device: torch.device) -> None:
+    """Lesion counts (``model.histogram_lesions``) on a phantom's single-pass context crop
+    against the shipped demo model's whole encode of the same crop (its histograms included):
+    what the option adds per image. A phantom, not :func:`study`'s noise, because the cost
+    grows with the number of dense components and noise has thousands."""
+    from fvlm_pacs.model.checkpoint import demo_model_dir
+    from fvlm_pacs.model.preprocess import MODEL_SPACING_MM
+    from fvlm_pacs.phantoms import make_case
+
+    case = make_case(7, force={"lung_nodule": True, "pulmonary_fibrotic_sequela": True})
+    vol = Volume(
+        voxels=hd.Volume(case.hu.astype(np.float32), case.affine, "PATIENT"),
+        study_instance_uid="1.2",
+        series_instance_uid="1.2.3",
+        source_instances=(),
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+    )
+    crop = context_crop(to_model_grid(vol, case.labels, 4))
+    image = torch.from_numpy(crop.image)[None, None].to(device)
+    labels = torch.from_numpy(crop.labels.astype(np.int64))[None].to(device)
+    demo = FvlmModel.from_checkpoint(demo_model_dir(), device=device, with_text=False)
+
+    def encode() -> None:
+        with torch.inference_mode():
+            demo.encode_anatomies(image, labels)
+
+    encode_s = timed(encode, repeats)
+    lesion_s = timed(lambda: anatomy_lesions(image, labels, 4, MODEL_SPACING_MM), repeats)
+    print(
+        f"lesion counts (model.histogram_lesions) on a phantom's context crop {crop.shape}: "
+        f"{lesion_s:.3f} s, {lesion_s / encode_s:.2f}× the demo model's encode of it "
+        f"({encode_s:.3f} s)"
+    )
 
 
 def vit_flops(
@@ -241,6 +277,7 @@ def main() -> None:
         f"histogram_volume): {ctx_s:.3f} s, {ctx_s / rows[0][1]:.3f}× the fp32 encode"
     )
     print(f"  speed-up bf16 (weights stored in bf16) over fp32: {rows[0][1] / rows[2][1]:.2f}×")
+    lesion_cost(args.repeats, device)
     ctx_image = torch.from_numpy(context.image)[None, None].to(device)
     ctx_labels = torch.from_numpy(context.labels.astype(np.int64))[None].to(device)
 

@@ -229,6 +229,12 @@ def parser() -> argparse.ArgumentParser:
         "(model.histogram_volume); default on, off with --histograms off",
     )
     demo.add_argument(
+        "--lesion-counts",
+        choices=["on", "off"],
+        help="with --histograms on: also each anatomy's counts of round and elongated dense "
+        "blobs inside it by size (model.histogram_lesions; nodules, fibrotic bands); default off",
+    )
+    demo.add_argument(
         "--sentence-keep",
         type=float,
         help="train on random sentence subsets of abnormal anatomy texts: each sentence kept "
@@ -363,6 +369,8 @@ def _build_demo(args: argparse.Namespace) -> int:
         given["histogram_context"] = args.histogram_context == "on"
     elif args.histograms == "off":  # surroundings are histograms too: off with them
         given["histogram_context"] = False
+    if args.lesion_counts is not None:
+        given["lesion_counts"] = args.lesion_counts == "on"
     if args.positive_prompts is None and args.negative_prompts not in (None, "val-selected"):
         given["positive_prompts"] = "table"  # report sentences are chosen on validation images
     if args.whole_text_anatomies is not None:

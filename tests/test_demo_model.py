@@ -95,6 +95,9 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert main(["model", "build-demo", *context]) == 0
     keep = ["--sentence-keep", "1", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *keep]) == 0
+    lesions = ["--lesion-counts", "on", "--work", str(tmp_path)]
+    assert main(["model", "build-demo", *lesions]) == 0
+    assert main(["model", "build-demo", *lesions, "--histograms", "off"]) == 2
     assert main(["model", "build-demo", "--sentence-keep", "0", "--work", str(tmp_path)]) == 2
     whole = ["--whole-text-anatomies", "heart,aorta", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *whole]) == 0
@@ -112,14 +115,17 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert seen[3] == demo_build.DemoRecipe(histograms=False, histogram_context=False)
     assert seen[4] == demo_build.DemoRecipe(histogram_context=False)
     assert seen[5] == demo_build.DemoRecipe(sentence_keep=1.0)
-    assert seen[6] == demo_build.DemoRecipe(whole_text_anatomies=("heart", "aorta"))
-    assert seen[7] == demo_build.DemoRecipe(
+    assert seen[6] == demo_build.DemoRecipe(lesion_counts=True)
+    assert seen[7] == demo_build.DemoRecipe(whole_text_anatomies=("heart", "aorta"))
+    assert seen[8] == demo_build.DemoRecipe(
         whole_text_anatomies=(), positive_prompts="report-sentences"
     )
-    assert seen[8] == demo_build.DemoRecipe(
+    assert seen[9] == demo_build.DemoRecipe(
         negative_prompts="text-selected", positive_prompts="table"
     )
-    assert len(seen) == 9  # sentence_keep 0, liver, positives with release: refused before
+    # refused before: lesion counts without histograms, sentence_keep 0, liver, positives
+    # with release negatives
+    assert len(seen) == 10
     # the shipped model is what the default recipe builds: its card's rebuild line, version
     # and network are the defaults'
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -133,6 +139,7 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert ("--stem hierarchical" in rebuild) == recipe.hierarchical_stem
     assert ("--histograms on" in rebuild) == recipe.histograms
     assert ("--histogram-context on" in rebuild) == recipe.histogram_context
+    assert ("--lesion-counts on" in rebuild) == recipe.lesion_counts
     # cards before the option trained on whole texts, which is the default's 1
     assert f"--sentence-keep {recipe.sentence_keep:g} " in rebuild or (
         "--sentence-keep" not in rebuild and recipe.sentence_keep == 1.0
@@ -152,6 +159,7 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert bool(shipped.histogram_edges) == recipe.histograms
     assert (shipped.histogram_shell == demo_build.CONTEXT_SHELL) == recipe.histogram_context
     assert shipped.histogram_volume == recipe.histogram_context
+    assert shipped.histogram_lesions == recipe.lesion_counts
 
 
 def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
@@ -197,6 +205,12 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     )
     with pytest.raises(ConfigError, match="need histogram_edges"):  # before any phantom
         demo_build.DemoRecipe(histograms=False, histogram_context=True)
+    lesions = demo_build.DemoRecipe(lesion_counts=True).model_config()
+    assert ModelConfig.from_dict({**lesions, "text": text}) == dataclasses.replace(
+        ModelConfig.from_dict({**shipped, "text": text}), histogram_lesions=True
+    )
+    with pytest.raises(ConfigError, match="lesion_counts .* needs histograms"):
+        demo_build.DemoRecipe(histograms=False, histogram_context=False, lesion_counts=True)
     wide = demo_build.DemoRecipe(
         vit_width=192, hierarchical_stem=False, histograms=False, histogram_context=False
     ).model_config()

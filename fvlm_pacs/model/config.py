@@ -215,7 +215,9 @@ class ModelConfig:
     them) means no histogram weights and the release's computation. ``histogram_shell`` (voxels,
     0 = off) adds the histogram of the anatomy's surroundings — voxels within that many voxels
     of it along each axis that belong to none of the model's anatomies — and
-    ``histogram_volume`` the anatomy's voxel count; both need ``histogram_edges``.
+    ``histogram_volume`` the anatomy's voxel count; ``histogram_lesions`` the anatomy's counts
+    of round and elongated dense blobs by size (:mod:`~fvlm_pacs.model.lesions`: nodules,
+    fibrotic bands); all three need ``histogram_edges``.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -231,6 +233,7 @@ class ModelConfig:
     histogram_hidden: int = 64
     histogram_shell: int = 0
     histogram_volume: bool = False
+    histogram_lesions: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "anatomies", tuple(str(a) for a in self.anatomies))
@@ -239,8 +242,11 @@ class ModelConfig:
             raise ConfigError(f"histogram_hidden must be positive, got {self.histogram_hidden}")
         if self.histogram_shell < 0:
             raise ConfigError(f"histogram_shell must be >= 0 voxels, got {self.histogram_shell}")
-        if (self.histogram_shell or self.histogram_volume) and not self.histogram_edges:
-            raise ConfigError("histogram_shell and histogram_volume need histogram_edges")
+        extras = self.histogram_shell or self.histogram_volume or self.histogram_lesions
+        if extras and not self.histogram_edges:
+            raise ConfigError(
+                "histogram_shell, histogram_volume and histogram_lesions need histogram_edges"
+            )
         if not self.anatomies:
             raise ConfigError("anatomies must name at least one anatomy")
         if len(set(self.anatomies)) != len(self.anatomies):

@@ -111,7 +111,8 @@ class DemoRecipe:
     trains at ``patch_lr_scale``), ``histograms`` whether each anatomy's HU histogram
     (:data:`~fvlm_pacs.model.histogram.HISTOGRAM_EDGES`) joins its embedding,
     ``histogram_context`` whether the histogram of its surroundings (:data:`CONTEXT_SHELL`
-    voxels) and its volume join too; the rest of the network is
+    voxels) and its volume join too, ``lesion_counts`` whether its counts of round and elongated
+    dense blobs by size (:mod:`~fvlm_pacs.model.lesions`) join too; the rest of the network is
     :func:`~fvlm_pacs.model.config.tiny`. ``whole_text_anatomies`` are the anatomies whose texts
     ``sentence_keep`` leaves whole, ``positive_prompts`` one of :data:`POSITIVE_PROMPTS`.
 
@@ -163,6 +164,8 @@ class DemoRecipe:
                 f"positive_prompts {self.positive_prompts!r} is chosen on the validation images: "
                 "it needs negative_prompts val-selected"
             )
+        if self.lesion_counts and not self.histograms:
+            raise ConfigError("lesion_counts join the anatomy histograms: it needs histograms")
         data = self.model_config()
         data["text"]["vocab_size"] = 1  # any size: only the shapes are checked here
         anatomies = ModelConfig.from_dict(data).anatomies
@@ -180,6 +183,7 @@ class DemoRecipe:
         data["histogram_edges"] = list(HISTOGRAM_EDGES if self.histograms else ())
         data["histogram_shell"] = CONTEXT_SHELL if self.histogram_context else 0
         data["histogram_volume"] = self.histogram_context
+        data["histogram_lesions"] = self.lesion_counts
         del data["text"]["vocab_size"]
         return data
 
@@ -198,6 +202,7 @@ class DemoRecipe:
     hierarchical_stem: bool = True
     histograms: bool = True
     histogram_context: bool = True
+    lesion_counts: bool = False
     sentence_keep: float = 0.5
     whole_text_anatomies: tuple[str, ...] = ("heart",)
     objective: str = "fvlm"
@@ -423,6 +428,11 @@ def model_card(
                 if recipe.histogram_context
                 else ","
             )
+            + (
+                " its counts of round and elongated dense blobs by size (nodules, fibrotic bands),"
+                if recipe.lesion_counts
+                else ""
+            )
             + " joins its pooled tokens"
             if recipe.histograms
             else ""
@@ -502,7 +512,8 @@ def model_card(
         f"--stem {'hierarchical' if recipe.hierarchical_stem else 'patch'} "
         f"--histograms {'on' if recipe.histograms else 'off'} "
         f"--histogram-context {'on' if recipe.histogram_context else 'off'} "
-        f"--sentence-keep {recipe.sentence_keep:g} "
+        + ("--lesion-counts on " if recipe.lesion_counts else "")
+        + f"--sentence-keep {recipe.sentence_keep:g} "
         f"--whole-text-anatomies {','.join(recipe.whole_text_anatomies) or 'none'} "
         f"--heldout-cases {recipe.heldout_cases}",
         "```",

@@ -32,6 +32,8 @@ from ..errors import ConfigError
 from .anatomy import pool_anatomies, token_selector
 from .config import ModelConfig
 from .histogram import HistogramEncoder, anatomy_histograms, feature_count
+from .lesions import anatomy_lesions, lesion_feature_count
+from .preprocess import MODEL_SPACING_MM
 from .text import build_text_encoder, embed_texts
 from .vit import VisionTransformer3D
 
@@ -112,7 +114,7 @@ class FvlmModel(nn.Module):
         if config.histogram_edges:
             bins = feature_count(
                 config.histogram_edges, config.histogram_shell, config.histogram_volume
-            )
+            ) + (lesion_feature_count() if config.histogram_lesions else 0)
             self.histogram = HistogramEncoder(k, bins, config.histogram_hidden, config.embed_dim)
 
     # -- loading ---------------------------------------------------------------------------
@@ -195,7 +197,9 @@ class FvlmModel(nn.Module):
         ``image`` float [B, 1, D, H, W], scaled HU (:func:`~fvlm_pacs.model.intensity.scale_hu`);
         ``labelmap`` int [B, D, H, W] on the same grid (0 background, k = the k-th anatomy,
         1-based). D, H, W must be multiples of the patch. A model with ``histogram_edges`` adds
-        each anatomy's HU histogram (:mod:`~fvlm_pacs.model.histogram`) before normalising.
+        each anatomy's HU histogram (:mod:`~fvlm_pacs.model.histogram`) before normalising, with
+        ``histogram_lesions`` also its blob counts (:mod:`~fvlm_pacs.model.lesions`) on the
+        model's grid (``MODEL_SPACING_MM``, where every caller resamples to).
         """
         if labelmap.shape != image.shape[:1] + image.shape[2:]:
             raise ValueError(
@@ -217,6 +221,9 @@ class FvlmModel(nn.Module):
                 shell=cfg.histogram_shell,
                 volume=cfg.histogram_volume,
             )
+            if cfg.histogram_lesions:
+                lesions = anatomy_lesions(image, labelmap, len(self.anatomies), MODEL_SPACING_MM)
+                features = torch.cat([features, lesions.to(features.device)], dim=-1)
             extra = self.histogram(features.to(self.histogram.dtype))
         return pool_anatomies(
             levels, selector, self.query_tokens, self.attention, self.vision_projs, extra
