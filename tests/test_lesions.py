@@ -65,12 +65,9 @@ def test_round_and_elongated_blobs_are_counted_by_size_and_touching_ones_are_not
     hu, labels, parts = lung_case()
     dense = (labels == 1) & (hu >= -300) & (hu < 400)
     diameter, elongation = component_shapes(dense, labels != 1, SPACING)
-    # nodule and band; the vessel touches the anatomy's outside; the speck is counted here
-    # and binned away below
-    assert len(diameter) == 3
-    visible = diameter >= LESION_DIAMETERS_MM[0]
-    assert visible.sum() == 2  # the speck is under the first edge
-    d, e = diameter[visible], elongation[visible]
+    # nodule and band; the vessel touches the anatomy's outside, the speck is under 4 mm
+    assert len(diameter) == 2
+    d, e = diameter, elongation
     nodule, band = np.argmin(e), np.argmax(e)
     nodule_volume = parts["nodule"].sum() * np.prod(SPACING)
     assert d[nodule] == pytest.approx(np.cbrt(6 * nodule_volume / np.pi))
@@ -107,6 +104,8 @@ def test_a_blob_cut_by_the_volume_face_is_not_a_lesion() -> None:
     assert len(component_shapes(dense, labels != 1, SPACING)[0]) == 0
     inside = ball(shape, (15.0, 20.0, 20.0), 5.0)
     assert len(component_shapes(inside, labels != 1, SPACING)[0]) == 1
+    # beyond the last bin: a whole organ, never measured
+    assert len(component_shapes(np.ones(shape, bool), labels != 1, SPACING)[0]) == 0
 
 
 def test_lesions_widen_the_histogram_mlp_and_round_trip() -> None:

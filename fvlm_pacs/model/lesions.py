@@ -53,44 +53,49 @@ def lesion_feature_count() -> int:
 def component_shapes(
     dense: np.ndarray, outside: np.ndarray, spacing: tuple[float, float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(diameter mm, elongation) of each component of bool ``dense`` [D, H, W] that does not
-    touch bool ``outside`` (same shape) within one voxel.
+    """(diameter mm, elongation) of each component of bool ``dense`` [D, H, W] within the
+    :data:`LESION_DIAMETERS_MM` range that does not touch bool ``outside`` (same shape) within
+    one voxel.
 
-    Moments come from ``bincount`` over the dense voxels only (a few % of an organ's box), not
-    from whole-volume ``ndimage.sum`` calls.
+    Sizes first: a heart or a vessel tree is one component far beyond the last bin, and
+    measuring only the components in range keeps the touch test and the moments to a few
+    hundred voxels instead of the organ's (5x faster on a training crop). Moments come from
+    ``bincount`` over those voxels, not from whole-volume ``ndimage.sum`` calls.
     """
     labels, count = ndimage.label(dense)
     if count == 0:
         return np.zeros(0), np.zeros(0)
-    where = np.nonzero(labels)
+    voxel = float(np.prod(spacing))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    diameters = np.cbrt(6.0 * sizes * voxel / np.pi)
+    in_range = (diameters >= LESION_DIAMETERS_MM[0]) & (diameters < LESION_DIAMETERS_MM[-1])
+    in_range[0] = False  # background
+    if not in_range.any():
+        return np.zeros(0), np.zeros(0)
+    where = np.nonzero(in_range[labels])
     which = labels[where]
     # A component touches the outside when one of its voxels has an outside voxel among its 26
     # neighbours (the array's faces count as outside: a vessel cut by a crop is not a blob).
-    # Gathered at the dense voxels only: a few % of the box, 5x faster than dilating it.
     padded = np.pad(outside, 1, constant_values=True)
     near = np.zeros(which.shape, bool)
     for dz in (0, 1, 2):
         for dy in (0, 1, 2):
             for dx in (0, 1, 2):
                 near |= padded[where[0] + dz, where[1] + dy, where[2] + dx]
-    touching = np.zeros(count + 1, bool)
-    touching[which[near]] = True
-    n = np.bincount(which, minlength=count + 1).astype(np.float64)
+    keep = in_range.copy()
+    keep[which[near]] = False
+    n = np.maximum(sizes, 1).astype(np.float64)
     coords = [w.astype(np.float64) * s for w, s in zip(where, spacing, strict=True)]
-    means = [np.bincount(which, c, count + 1) / np.maximum(n, 1) for c in coords]
+    means = [np.bincount(which, c, count + 1) / n for c in coords]
     cov = np.zeros((count + 1, 3, 3))
     for i in range(3):
         for j in range(i, 3):
-            second = np.bincount(which, coords[i] * coords[j], count + 1) / np.maximum(n, 1)
+            second = np.bincount(which, coords[i] * coords[j], count + 1) / n
             cov[:, i, j] = cov[:, j, i] = second - means[i] * means[j]
     cov += np.diag(np.square(spacing) / 12.0)  # a voxel is a box, not a point
-    eig = np.linalg.eigvalsh(cov)
-    keep = ~touching
-    keep[0] = False
-    volume = n[keep] * float(np.prod(spacing))
-    diameter = np.cbrt(6.0 * volume / np.pi)
-    elongation = np.sqrt(eig[keep, 2] / np.maximum(eig[keep, 0], 1e-9))
-    return diameter, elongation
+    eig = np.linalg.eigvalsh(cov[keep])
+    elongation = np.sqrt(eig[:, 2] / np.maximum(eig[:, 0], 1e-9))
+    return diameters[keep], elongation
 
 
 def lesion_counts(diameter: np.ndarray, elongation: np.ndarray) -> np.ndarray:
