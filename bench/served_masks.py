@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         maps = {"exact": truth}
         for name, provider in nets.items():
             grid = to_working_grid(volume.voxels, grids[name])
-            down = sample_nearest(truth, volume.voxels.affine, grid.image.shape, grid.affine)
+            down = sample_nearest(truth, volume.voxels.affine, grid.shape, grid.affine)
             maps[f"roundtrip {name}"] = sample_nearest(
                 down, grid.affine, truth.shape, volume.voxels.affine
             )

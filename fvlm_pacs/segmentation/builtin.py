@@ -21,7 +21,11 @@ Inference, with every convention written down because each one moves the masks:
    0.968/0.970/0.836/0.925 at 4 mm — the esophagus (14–18 mm wide) loses 1.4 points more — for
    2.4× fewer voxels to train and infer on.
 3. **Window** — HU clipped to :attr:`SegNetConfig.hu_window` and scaled to [0, 1]; 0 is air, so
-   the zero padding of sliding windows looks like air around the patient.
+   the zero padding of sliding windows looks like air around the patient. Each of
+   :attr:`SegNetConfig.extra_windows` is one more input channel, windowed the same way (air is 0
+   in every channel that starts above −1000 HU): a soft-tissue window tells pericardial fluid
+   (about 10 HU) from the heart's blood and muscle (about 40 HU), 30 HU that the 1400-HU-wide
+   first window squeezes into 0.02.
 4. **Network** — MONAI ``UNet`` with K + 1 output channels (background + anatomies in
    :attr:`SegNetConfig.anatomies` order), run with ``sliding_window_inference`` over windows of
    :attr:`SegNetConfig.roi` (the training crop), Gaussian-blended; argmax.
@@ -105,13 +109,15 @@ class SegNetConfig:
 
     ``anatomies`` name output channels 1..K (0 is background). ``roi`` is the training crop and
     the sliding window, (slice, row, column) on the working grid; every entry must be a multiple
-    of the product of ``strides`` so the U-Net's skips line up.
+    of the product of ``strides`` so the U-Net's skips line up. ``extra_windows`` (HU low, high)
+    are input channels after ``hu_window``'s; networks saved before them have none.
     """
 
     anatomies: tuple[str, ...] = ("lung", "heart", "esophagus", "aorta")
     orientation: str = "FPL"
     spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
     hu_window: tuple[float, float] = (-1000.0, 400.0)
+    extra_windows: tuple[tuple[float, float], ...] = ()
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 1
@@ -125,9 +131,12 @@ class SegNetConfig:
             raise ValueError(f"anatomies: need unique names, got {self.anatomies}")
         if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
             raise ValueError(f"spacing_mm: need three positive values, got {self.spacing_mm}")
-        lo, hi = self.hu_window
-        if not lo < hi:
-            raise ValueError(f"hu_window: need low < high, got {self.hu_window}")
+        for name, window in (
+            ("hu_window", self.hu_window),
+            *(("extra_windows", w) for w in self.extra_windows),
+        ):
+            if len(window) != 2 or not window[0] < window[1]:
+                raise ValueError(f"{name}: need (low, high) HU with low < high, got {window}")
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(
                 f"strides: need len(channels) - 1 = {len(self.channels) - 1}, got {self.strides}"
@@ -140,6 +149,11 @@ class SegNetConfig:
             )
         if self.upsampling not in UPSAMPLINGS:
             raise ValueError(f"upsampling: one of {UPSAMPLINGS}, got {self.upsampling!r}")
+
+    @property
+    def windows(self) -> tuple[tuple[float, float], ...]:
+        """The input channels' HU windows, in channel order."""
+        return (self.hu_window, *self.extra_windows)
 
     @property
     def multiple(self) -> int:
@@ -160,15 +174,18 @@ class SegNetConfig:
             raise ValueError(f"unknown network config keys: {unknown}")
         values: dict[str, Any] = {}
         for key, value in data.items():
-            values[key] = tuple(value) if isinstance(value, list) else value
+            if key == "extra_windows":
+                values[key] = tuple(tuple(float(v) for v in w) for w in value)
+            else:
+                values[key] = tuple(value) if isinstance(value, list) else value
         return cls(**values)
 
 
 def build_network(config: SegNetConfig) -> UNet:
-    """The MONAI U-Net of ``config`` (one input channel, K + 1 outputs), untrained."""
+    """The MONAI U-Net of ``config`` (one input channel per window, K + 1 outputs), untrained."""
     return UNet(
         spatial_dims=3,
-        in_channels=1,
+        in_channels=len(config.windows),
         out_channels=len(config.anatomies) + 1,
         channels=config.channels,
         strides=config.strides,
@@ -285,11 +302,18 @@ def load_segnet(folder: Path, device: str | torch.device | None = None) -> Loade
 # -- the working grid --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkingGrid:
-    """The windowed image on the network's grid: ``image`` float32 [D, H, W] in [0, 1] and
-    ``affine`` mapping (slice, row, column, 1) to LPS mm."""
+    """The windowed image on the network's grid: ``image`` float32 [C, D, H, W] in [0, 1], one
+    channel per window of :attr:`SegNetConfig.windows`, and ``affine`` mapping (slice, row,
+    column, 1) to LPS mm."""
 
     image: np.ndarray
     affine: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The grid's (slice, row, column) size."""
+        d, h, w = self.image.shape[-3:]
+        return int(d), int(h), int(w)
 
 
 def to_working_grid(voxels: hd.Volume, config: SegNetConfig) -> WorkingGrid:
@@ -307,11 +331,15 @@ def to_working_grid(voxels: hd.Volume, config: SegNetConfig) -> WorkingGrid:
     if not isinstance(out, MetaTensor):  # Spacing keeps the MetaTensor; its affine is the grid
         raise TypeError(f"MONAI Spacing returned {type(out).__name__}, not a MetaTensor")
     out_affine = LPS_TO_RAS @ np.asarray(out.affine.numpy(), dtype=np.float64)
-    window = ScaleIntensityRange(
-        a_min=config.hu_window[0], a_max=config.hu_window[1], b_min=0.0, b_max=1.0, clip=True
-    )
-    image = np.asarray(window(np.asarray(out[0].detach().cpu().numpy())), dtype=np.float32)
-    return WorkingGrid(image=np.ascontiguousarray(image), affine=out_affine)
+    hu = np.asarray(out[0].detach().cpu().numpy())
+    channels = [
+        np.asarray(
+            ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(hu),
+            dtype=np.float32,
+        )
+        for lo, hi in config.windows
+    ]
+    return WorkingGrid(image=np.ascontiguousarray(np.stack(channels)), affine=out_affine)
 
 
 def _box_average(
@@ -457,8 +485,9 @@ def sample_linear_argmax(
 def working_probabilities(
     net: torch.nn.Module, image: np.ndarray, config: SegNetConfig, device: torch.device
 ) -> np.ndarray:
-    """Softmax over background + K anatomies on the working grid, (K + 1, slice, row, column)."""
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
+    """Softmax over background + K anatomies on the working grid, (K + 1, slice, row, column),
+    for ``image`` [C, slice, row, column] (:attr:`WorkingGrid.image`)."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     with torch.inference_mode():
         logits = sliding_window_inference(
             x,

@@ -101,10 +101,11 @@ def load_case_volume(npz: Path) -> tuple[hd.Volume, np.ndarray]:
 
 
 def working_pair(npz: Path, config: SegNetConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Image and labels of one case on the working grid (labels by nearest neighbour)."""
+    """Image [C, D, H, W] and labels [D, H, W] of one case on the working grid (labels by
+    nearest neighbour)."""
     voxels, labels = load_case_volume(npz)
     grid = to_working_grid(voxels, config)
-    lab = sample_nearest(labels, voxels.affine, grid.image.shape, grid.affine)
+    lab = sample_nearest(labels, voxels.affine, grid.shape, grid.affine)
     lab[lab > len(config.anatomies)] = 0
     return grid.image, lab.astype(np.int64)
 
@@ -298,7 +299,7 @@ def _train(
         images, targets = [], []
         for i in rng.integers(0, len(pairs), size=batch_size):
             image, lab = pairs[int(i)]
-            sample = aug({"image": image[None], "label": lab[None]})
+            sample = aug({"image": image, "label": lab[None]})
             images.append(torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32))
             targets.append(torch.as_tensor(np.asarray(sample["label"]), dtype=torch.int64))
         x, y = torch.stack(images).to(dev), torch.stack(targets).to(dev)
