@@ -229,6 +229,12 @@ def parser() -> argparse.ArgumentParser:
         "(model.histogram_volume); default on, off with --histograms off",
     )
     demo.add_argument(
+        "--seg-extra-windows",
+        help="the builtin segmentation network's input windows after its first, as LOW:HIGH HU "
+        "(comma-separated, or 'none'), e.g. --seg-extra-windows=-100:150 (with '=': the value "
+        "starts with '-') to tell pericardial fluid from the heart",
+    )
+    demo.add_argument(
         "--lesion-counts",
         choices=["on", "off"],
         help="with --histograms on: also each anatomy's counts of round and elongated dense "
@@ -344,6 +350,22 @@ def _model_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hu_windows(text: str) -> tuple[tuple[float, float], ...]:
+    """``LOW:HIGH[,LOW:HIGH…]`` HU windows, or ``none``; :class:`ConfigError` names a bad one."""
+    if text.strip() == "none":
+        return ()
+    out = []
+    for part in text.split(","):
+        bounds = part.split(":")
+        try:
+            if len(bounds) != 2:
+                raise ValueError
+            out.append((float(bounds[0]), float(bounds[1])))
+        except ValueError:
+            raise ConfigError(f"HU window {part!r}: write LOW:HIGH, e.g. -100:150") from None
+    return tuple(out)
+
+
 def _build_demo(args: argparse.Namespace) -> int:
     """Rebuild the shipped demo model (minutes on a CPU) and print its measured mean AUC."""
     from fvlm_pacs.model.demo_build import EVAL_FILE, HELDOUT_EVAL_FILE, DemoRecipe, build_demo
@@ -379,6 +401,8 @@ def _build_demo(args: argparse.Namespace) -> int:
             n.strip() for n in names if n.strip() and n.strip() != "none"
         )
     try:
+        if args.seg_extra_windows is not None:
+            given["seg_extra_windows"] = _hu_windows(args.seg_extra_windows)
         recipe = DemoRecipe(**{k: v for k, v in given.items() if v is not None})
         out = build_demo(recipe, args.work, args.out)
     except (FvlmPacsError, OSError) as exc:

@@ -402,7 +402,10 @@ def test_extra_windows_are_input_channels(runs: Trained, tmp_path: Path) -> None
     assert grid.image.shape == (2, *grid.shape)
     spread = grid.image.reshape(2, -1).max(axis=1) - grid.image.reshape(2, -1).min(axis=1)
     assert spread.tolist() == pytest.approx([30 / 1400, 30 / 250], abs=1e-4)
-    out = train_builtin(runs.cases[:2], tmp_path / "soft", steps=2, seed=0, config=soft).out_dir
+    trained = train_builtin(runs.cases[:2], tmp_path / "soft", steps=2, seed=0, config=soft)
+    card = "\n".join(segmentation_section(trained.metrics, {}))
+    assert "HU window [-1000.0, 400.0] and [-100.0, 150.0]," in card
+    out = trained.out_dir
     loaded = load_segnet(out, device="cpu")
     assert loaded.config == soft
     hu_case, _, affine = phantom_volume(runs.cases[4])

@@ -18,6 +18,7 @@ from fvlm_pacs.model.checkpoint import demo_model_dir, read_meta, resolve_model_
 from fvlm_pacs.model.config import ModelConfig
 from fvlm_pacs.model.predictor import Predictor
 from fvlm_pacs.segmentation import make_provider
+from fvlm_pacs.segmentation.builtin import SegNetConfig
 
 DEMO = demo_model_dir()
 SIZE_LIMIT = 30 * 1024 * 1024  # the issue's budget for both demo networks together
@@ -98,6 +99,10 @@ def test_build_demo_command_uses_the_recipe_defaults(
     lesions = ["--lesion-counts", "on", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *lesions]) == 0
     assert main(["model", "build-demo", *lesions, "--histograms", "off"]) == 2
+    soft = ["--seg-extra-windows=-100:150", "--work", str(tmp_path)]
+    assert main(["model", "build-demo", *soft]) == 0
+    assert main(["model", "build-demo", "--seg-extra-windows", "-100", *soft[1:]]) == 2
+    assert main(["model", "build-demo", "--seg-extra-windows=150:-100", *soft[1:]]) == 2
     assert main(["model", "build-demo", "--sentence-keep", "0", "--work", str(tmp_path)]) == 2
     whole = ["--whole-text-anatomies", "heart,aorta", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *whole]) == 0
@@ -116,16 +121,17 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert seen[4] == demo_build.DemoRecipe(histogram_context=False)
     assert seen[5] == demo_build.DemoRecipe(sentence_keep=1.0)
     assert seen[6] == demo_build.DemoRecipe(lesion_counts=True)
-    assert seen[7] == demo_build.DemoRecipe(whole_text_anatomies=("heart", "aorta"))
-    assert seen[8] == demo_build.DemoRecipe(
+    assert seen[7] == demo_build.DemoRecipe(seg_extra_windows=((-100.0, 150.0),))
+    assert seen[8] == demo_build.DemoRecipe(whole_text_anatomies=("heart", "aorta"))
+    assert seen[9] == demo_build.DemoRecipe(
         whole_text_anatomies=(), positive_prompts="report-sentences"
     )
-    assert seen[9] == demo_build.DemoRecipe(
+    assert seen[10] == demo_build.DemoRecipe(
         negative_prompts="text-selected", positive_prompts="table"
     )
-    # refused before: lesion counts without histograms, sentence_keep 0, liver, positives
-    # with release negatives
-    assert len(seen) == 10
+    # refused before: lesion counts without histograms, a window without its high end or
+    # upside down, sentence_keep 0, liver, positives with release negatives
+    assert len(seen) == 11
     # the shipped model is what the default recipe builds: its card's rebuild line, version
     # and network are the defaults'
     card = (DEMO / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -140,6 +146,7 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert ("--histograms on" in rebuild) == recipe.histograms
     assert ("--histogram-context on" in rebuild) == recipe.histogram_context
     assert ("--lesion-counts on" in rebuild) == recipe.lesion_counts
+    assert ("--seg-extra-windows" in rebuild) == bool(recipe.seg_extra_windows)
     # cards before the option trained on whole texts, which is the default's 1
     assert f"--sentence-keep {recipe.sentence_keep:g} " in rebuild or (
         "--sentence-keep" not in rebuild and recipe.sentence_keep == 1.0
@@ -160,6 +167,9 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert (shipped.histogram_shell == demo_build.CONTEXT_SHELL) == recipe.histogram_context
     assert shipped.histogram_volume == recipe.histogram_context
     assert shipped.histogram_lesions == recipe.lesion_counts
+    seg_meta = json.loads((DEMO / "segmentation" / "config.json").read_text(encoding="utf-8"))
+    network = SegNetConfig.from_dict(seg_meta["network"])
+    assert network.extra_windows == recipe.seg_extra_windows
 
 
 def test_recipe_model_is_tiny_with_the_chosen_width() -> None:

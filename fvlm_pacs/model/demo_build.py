@@ -48,6 +48,7 @@ from fvlm_pacs.model.zeroshot_eval import dataset_split, part_manifest, score_ca
 from fvlm_pacs.phantoms import PhantomSpec, write_dataset
 from fvlm_pacs.reports import normal_text
 from fvlm_pacs.segmentation.builtin import SUBDIR as SEG_SUBDIR
+from fvlm_pacs.segmentation.builtin import SegNetConfig
 from fvlm_pacs.segmentation.builtin_train import train_builtin
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class DemoRecipe:
     anatomy context fits the training crop on the model's 3 × 1 × 1 mm grid, so every step sees
     whole anatomies, with slices no thicker than the model's (the product's series rules refuse
     slices over 5 mm). ``seg_steps`` is the builtin segmentation network's own budget (0: no
-    network is shipped). ``vit_width`` is the ViT's hidden size (MLP 2×, 4 heads) and
+    network is shipped), ``seg_extra_windows`` its input windows after the first (HU; e.g.
+    :data:`~fvlm_pacs.segmentation.builtin.SOFT_TISSUE_WINDOW`). ``vit_width`` is the ViT's hidden size (MLP 2×, 4 heads) and
     ``hu_windows`` its input channels, ``hierarchical_stem`` its patchify (the stem of
     :data:`~fvlm_pacs.model.config.HMLP_STEM_STRIDES`, else the release's convolution, which
     trains at ``patch_lr_scale``), ``histograms`` whether each anatomy's HU histogram
@@ -137,6 +139,12 @@ class DemoRecipe:
     def __post_init__(self) -> None:
         # fail before minutes of phantom writing, not when training starts
         object.__setattr__(self, "whole_text_anatomies", tuple(self.whole_text_anatomies))
+        windows = tuple(tuple(float(v) for v in w) for w in self.seg_extra_windows)
+        object.__setattr__(self, "seg_extra_windows", windows)
+        try:
+            SegNetConfig(extra_windows=windows)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(f"seg_extra_windows: {exc}") from exc
         if self.objective not in ("fvlm", "fvlm-coteach"):
             raise ConfigError(f"objective: fvlm or fvlm-coteach, got {self.objective!r}")
         if self.heldout_cases < 0:
@@ -197,6 +205,7 @@ class DemoRecipe:
     spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)
     crop: tuple[int, int, int] = (96, 176, 288)
     seg_steps: int = 3000
+    seg_extra_windows: tuple[tuple[float, float], ...] = ()
     vit_width: int = 64
     hu_windows: tuple[tuple[float, float], ...] = (RELEASED_HU_WINDOW,)
     hierarchical_stem: bool = True
@@ -340,6 +349,7 @@ def finish_demo(
             device=device,
             version=recipe.version,
             log_every=max(1, recipe.seg_steps // 10),
+            config=SegNetConfig(extra_windows=recipe.seg_extra_windows),
         )
         timings["seg_s"] = time.perf_counter() - t0
         shutil.copytree(seg.out_dir, staging / SEG_SUBDIR)
@@ -514,7 +524,14 @@ def model_card(
         f"--histogram-context {'on' if recipe.histogram_context else 'off'} "
         + ("--lesion-counts on " if recipe.lesion_counts else "")
         + f"--sentence-keep {recipe.sentence_keep:g} "
-        f"--whole-text-anatomies {','.join(recipe.whole_text_anatomies) or 'none'} "
+        + (
+            "--seg-extra-windows "
+            + ",".join(f"{lo:g}:{hi:g}" for lo, hi in recipe.seg_extra_windows)
+            + " "
+            if recipe.seg_extra_windows
+            else ""
+        )
+        + f"--whole-text-anatomies {','.join(recipe.whole_text_anatomies) or 'none'} "
         f"--heldout-cases {recipe.heldout_cases}",
         "```",
         "",
@@ -629,7 +646,9 @@ def segmentation_section(metrics: dict[str, Any] | None, timings: dict[str, floa
         f"{net.get('channels')}, {metrics.get('parameters')} parameters, "
         f"{metrics.get('weights_bytes', 0) / 1e6:.1f} MB) on a "
         f"{net.get('spacing_mm')} mm grid in orientation {net.get('orientation')}, HU window "
-        f"{net.get('hu_window')}, trained on the same {metrics.get('train_cases')} train phantoms "
+        f"{net.get('hu_window')}"
+        + "".join(f" and {list(w)}" for w in net.get("extra_windows") or ())
+        + f", trained on the same {metrics.get('train_cases')} train phantoms "
         f"for {metrics.get('steps')} steps × batch {metrics.get('batch_size')} (Adam lr "
         f"{metrics.get('lr')}"
         + ("" if metrics.get("min_lr") is None else f", cosine decay to {metrics['min_lr']:g}")
