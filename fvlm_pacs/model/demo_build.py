@@ -107,8 +107,8 @@ class DemoRecipe:
     whole anatomies, with slices no thicker than the model's (the product's series rules refuse
     slices over 5 mm). ``seg_steps`` is the builtin segmentation network's own budget (0: no
     network is shipped), ``seg_extra_windows`` its input windows after the first (HU; e.g.
-    :data:`~fvlm_pacs.segmentation.builtin.SOFT_TISSUE_WINDOW`). ``vit_width`` is the ViT's hidden size (MLP 2×, 4 heads) and
-    ``hu_windows`` its input channels, ``hierarchical_stem`` its patchify (the stem of
+    :data:`~fvlm_pacs.segmentation.builtin.SOFT_TISSUE_WINDOW`). ``vit_width`` is the ViT's
+    hidden size (MLP 2×, 4 heads) and ``hu_windows`` its input channels, ``hierarchical_stem`` its patchify (the stem of
     :data:`~fvlm_pacs.model.config.HMLP_STEM_STRIDES`, else the release's convolution, which
     trains at ``patch_lr_scale``), ``histograms`` whether each anatomy's HU histogram
     (:data:`~fvlm_pacs.model.histogram.HISTOGRAM_EDGES`) joins its embedding,
