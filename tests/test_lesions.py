@@ -93,6 +93,8 @@ def test_anatomy_lesions_per_anatomy_and_sample() -> None:
     assert counts[0, 2].sum() == 0  # anatomy 3 is absent: zeros
     with pytest.raises(ValueError, match="must match image"):
         anatomy_lesions(image, labelmap[:, :-1], 3, SPACING)
+    with pytest.raises(ValueError, match="must not be negative"):
+        anatomy_lesions(image, -labelmap, 3, SPACING)
 
 
 def test_a_blob_cut_by_the_volume_face_is_not_a_lesion() -> None:

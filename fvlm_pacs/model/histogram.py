@@ -85,7 +85,9 @@ def _bin(counts: torch.Tensor, edges: tuple[float, ...]) -> torch.Tensor:
     return binned.index_add_(-1, which, counts.float())
 
 
-def _check(image: torch.Tensor, labelmap: torch.Tensor) -> None:
+def check_model_input(image: torch.Tensor, labelmap: torch.Tensor) -> None:
+    """Refuse a label map that does not match ``image`` [B, C, D, H, W] voxel for voxel or has
+    negative labels: every per-anatomy feature indexes the image by it."""
     if labelmap.shape != image.shape[:1] + image.shape[2:]:
         raise ValueError(
             f"labelmap {tuple(labelmap.shape)} must match image {tuple(image.shape)} "
@@ -207,7 +209,7 @@ def anatomy_histograms(
     per-voxel ``bucketize`` 6 s, this 0.4 s). Edges are compared with the HU rounded down, which is
     exact for whole-HU edges (a voxel at −950.4 HU is below −950 either way).
     """
-    _check(image, labelmap)
+    check_model_input(image, labelmap)
     with torch.no_grad():
         whole, levels = _whole_hu(image)
         counts = _bin(_hu_counts(whole, levels, labelmap, num_anatomies), edges)

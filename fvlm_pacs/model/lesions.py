@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .histogram import check_model_input
 from .intensity import HU_PER_UNIT, INPUT_HU_FLOOR
 
 DENSE_HU: tuple[float, float] = (-300.0, 400.0)
@@ -118,11 +119,7 @@ def anatomy_lesions(
     An absent anatomy gets zeros (its embedding is NaN downstream anyway). Returned on the
     image's device; the work is on the CPU.
     """
-    if labelmap.shape != image.shape[:1] + image.shape[2:]:
-        raise ValueError(
-            f"labelmap {tuple(labelmap.shape)} must match image {tuple(image.shape)} "
-            "without the channel axis"
-        )
+    check_model_input(image, labelmap)
     low = (DENSE_HU[0] - INPUT_HU_FLOOR) / HU_PER_UNIT
     high = (DENSE_HU[1] - INPUT_HU_FLOOR) / HU_PER_UNIT
     with torch.no_grad():
