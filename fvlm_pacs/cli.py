@@ -238,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
         "--lesion-counts",
         choices=["on", "off"],
         help="with --histograms on: also each anatomy's counts of round and elongated dense "
-        "blobs inside it by size (model.histogram_lesions; nodules, fibrotic bands); default off",
+        "blobs inside it by size (model.histogram_lesions; nodules, fibrotic bands); default on",
     )
     demo.add_argument(
         "--sentence-keep",
@@ -393,6 +393,8 @@ def _build_demo(args: argparse.Namespace) -> int:
         given["histogram_context"] = False
     if args.lesion_counts is not None:
         given["lesion_counts"] = args.lesion_counts == "on"
+    elif args.histograms == "off":  # the counts join the histogram MLP: off with it
+        given["lesion_counts"] = False
     if args.positive_prompts is None and args.negative_prompts not in (None, "val-selected"):
         given["positive_prompts"] = "table"  # report sentences are chosen on validation images
     if args.whole_text_anatomies is not None:

@@ -74,6 +74,45 @@ def test_builtin_segmentation_network_loads_from_the_package(profile: str) -> No
     assert provider.name == "builtin"
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"lesion_counts": False, "seg_extra_windows": ((-100.0, 150.0), (-1000.0, -500.0))},
+        {"histograms": False, "histogram_context": False, "lesion_counts": False},
+        {
+            "whole_text_anatomies": (),
+            "negative_prompts": "text-selected",
+            "positive_prompts": "table",
+        },
+        {"hierarchical_stem": False, "sentence_keep": 1.0, "seg_steps": 0, "heldout_cases": 0},
+    ],
+)
+def test_the_cards_rebuild_line_builds_its_recipe(
+    changes: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The card's rebuild line, run as written, gives back the recipe it was written for — also
+    where a default moved (lesion counts) or a value starts with '-' (a HU window)."""
+    import shlex
+
+    from fvlm_pacs.cli import main
+    from fvlm_pacs.model import demo_build
+
+    recipe = demo_build.DemoRecipe(**changes)
+    seen: list[demo_build.DemoRecipe] = []
+
+    def fake_build(got: demo_build.DemoRecipe, work: Path, out: Path | None) -> Path:
+        seen.append(got)
+        (tmp_path / demo_build.EVAL_FILE).write_text('{"mean_auc": 0.5}', encoding="utf-8")
+        return tmp_path
+
+    monkeypatch.setattr(demo_build, "build_demo", fake_build)
+    words = shlex.split(demo_build.rebuild_command(recipe))
+    assert words[:3] == ["fvlm-pacs", "model", "build-demo"]
+    assert main([*words[1:], "--work", str(tmp_path / "w")]) == 0
+    assert seen == [recipe]
+
+
 def test_build_demo_command_uses_the_recipe_defaults(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -96,9 +135,10 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert main(["model", "build-demo", *context]) == 0
     keep = ["--sentence-keep", "1", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *keep]) == 0
-    lesions = ["--lesion-counts", "on", "--work", str(tmp_path)]
+    lesions = ["--lesion-counts", "off", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *lesions]) == 0
-    assert main(["model", "build-demo", *lesions, "--histograms", "off"]) == 2
+    on = ["--lesion-counts", "on", "--histograms", "off", "--work", str(tmp_path)]
+    assert main(["model", "build-demo", *on]) == 2
     soft = ["--seg-extra-windows=-100:150", "--work", str(tmp_path)]
     assert main(["model", "build-demo", *soft]) == 0
     assert main(["model", "build-demo", "--seg-extra-windows", "-100", *soft[1:]]) == 2
@@ -117,10 +157,12 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert seen[0] == demo_build.DemoRecipe()
     assert seen[1] == demo_build.DemoRecipe(steps=7)
     assert seen[2] == demo_build.DemoRecipe(hierarchical_stem=False)
-    assert seen[3] == demo_build.DemoRecipe(histograms=False, histogram_context=False)
+    assert seen[3] == demo_build.DemoRecipe(
+        histograms=False, histogram_context=False, lesion_counts=False
+    )
     assert seen[4] == demo_build.DemoRecipe(histogram_context=False)
     assert seen[5] == demo_build.DemoRecipe(sentence_keep=1.0)
-    assert seen[6] == demo_build.DemoRecipe(lesion_counts=True)
+    assert seen[6] == demo_build.DemoRecipe(lesion_counts=False)
     assert seen[7] == demo_build.DemoRecipe(seg_extra_windows=((-100.0, 150.0),))
     assert seen[8] == demo_build.DemoRecipe(whole_text_anatomies=("heart", "aorta"))
     assert seen[9] == demo_build.DemoRecipe(
@@ -145,7 +187,7 @@ def test_build_demo_command_uses_the_recipe_defaults(
     assert ("--stem hierarchical" in rebuild) == recipe.hierarchical_stem
     assert ("--histograms on" in rebuild) == recipe.histograms
     assert ("--histogram-context on" in rebuild) == recipe.histogram_context
-    assert ("--lesion-counts on" in rebuild) == recipe.lesion_counts
+    assert f"--lesion-counts {'on' if recipe.lesion_counts else 'off'} " in rebuild
     assert ("--seg-extra-windows" in rebuild) == bool(recipe.seg_extra_windows)
     # cards before the option trained on whole texts, which is the default's 1
     assert f"--sentence-keep {recipe.sentence_keep:g} " in rebuild or (
@@ -184,29 +226,39 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
     from fvlm_pacs.model.intensity import FOUR_WINDOWS
 
     default = demo_build.DemoRecipe(
-        hierarchical_stem=False, histograms=False, histogram_context=False
+        hierarchical_stem=False, histograms=False, histogram_context=False, lesion_counts=False
     ).model_config()
     assert "vocab_size" not in default["text"]
     text = {**default["text"], "vocab_size": 317}
     assert ModelConfig.from_dict({**default, "text": text}) == tiny(vocab_size=317)
     four = demo_build.DemoRecipe(
-        hu_windows=FOUR_WINDOWS, hierarchical_stem=False, histograms=False, histogram_context=False
+        hu_windows=FOUR_WINDOWS,
+        hierarchical_stem=False,
+        histograms=False,
+        histogram_context=False,
+        lesion_counts=False,
     ).model_config()
     got = ModelConfig.from_dict({**four, "text": text})
     assert got.vision.hu_windows == FOUR_WINDOWS and got.vision.in_channels == 4
     assert got == tiny(vocab_size=317, hu_windows=FOUR_WINDOWS)
-    shipped = demo_build.DemoRecipe().model_config()  # stem + histograms + surroundings
+    # stem + histograms + surroundings + lesion counts
+    shipped = demo_build.DemoRecipe().model_config()
     assert ModelConfig.from_dict({**shipped, "text": text}) == dataclasses.replace(
         tiny(vocab_size=317, hierarchical_stem=True),
         histogram_edges=HISTOGRAM_EDGES,
         histogram_shell=demo_build.CONTEXT_SHELL,
         histogram_volume=True,
+        histogram_lesions=True,
     )
-    hist = demo_build.DemoRecipe(hierarchical_stem=False, histogram_context=False).model_config()
+    hist = demo_build.DemoRecipe(
+        hierarchical_stem=False, histogram_context=False, lesion_counts=False
+    ).model_config()
     assert ModelConfig.from_dict({**hist, "text": text}) == dataclasses.replace(
         tiny(vocab_size=317), histogram_edges=HISTOGRAM_EDGES
     )
-    context = demo_build.DemoRecipe(hierarchical_stem=False, histogram_context=True).model_config()
+    context = demo_build.DemoRecipe(
+        hierarchical_stem=False, histogram_context=True, lesion_counts=False
+    ).model_config()
     assert ModelConfig.from_dict({**context, "text": text}) == dataclasses.replace(
         tiny(vocab_size=317),
         histogram_edges=HISTOGRAM_EDGES,
@@ -214,15 +266,19 @@ def test_recipe_model_is_tiny_with_the_chosen_width() -> None:
         histogram_volume=True,
     )
     with pytest.raises(ConfigError, match="need histogram_edges"):  # before any phantom
-        demo_build.DemoRecipe(histograms=False, histogram_context=True)
-    lesions = demo_build.DemoRecipe(lesion_counts=True).model_config()
-    assert ModelConfig.from_dict({**lesions, "text": text}) == dataclasses.replace(
-        ModelConfig.from_dict({**shipped, "text": text}), histogram_lesions=True
+        demo_build.DemoRecipe(histograms=False, histogram_context=True, lesion_counts=False)
+    plain = demo_build.DemoRecipe(lesion_counts=False).model_config()
+    assert ModelConfig.from_dict({**plain, "text": text}) == dataclasses.replace(
+        ModelConfig.from_dict({**shipped, "text": text}), histogram_lesions=False
     )
     with pytest.raises(ConfigError, match="lesion_counts .* needs histograms"):
         demo_build.DemoRecipe(histograms=False, histogram_context=False, lesion_counts=True)
     wide = demo_build.DemoRecipe(
-        vit_width=192, hierarchical_stem=False, histograms=False, histogram_context=False
+        vit_width=192,
+        hierarchical_stem=False,
+        histograms=False,
+        histogram_context=False,
+        lesion_counts=False,
     ).model_config()
     assert wide["vision"]["hidden_size"] == 192 and wide["vision"]["mlp_dim"] == 384
     assert {k: v for k, v in wide.items() if k != "vision"} == {

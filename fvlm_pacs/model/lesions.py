@@ -10,6 +10,8 @@ with aerated lung all round it, a fibrotic band an elongated one. On the 200 hel
 phantoms one such count alone ranks the nodules at 0.80 AUC and the fibrotic sequelae at 0.84,
 and a probe told the labels on all of them (``bench/histogram_probe.py``, fitted on other
 phantoms) at 0.84 / 0.78, where ``fvlm-demo 6`` scores them zero-shot at 0.59 / 0.50.
+Trained with them (``fvlm-demo 7``, the same recipe otherwise) the zero-shot model scores them
+0.80 / 0.66 (bench/README.md).
 
 So, per anatomy: connected components (6-connected) of its voxels between
 :data:`DENSE_HU` that do not touch the anatomy's outside (voxels outside the anatomy within one
