@@ -11,7 +11,10 @@ loss), and each network's masks as the provider serves them:
 * lung findings: the AUC of "share of the lung mask's voxels at −300…100 HU" (dense lung) for
   atelectasis, consolidation, lung opacity and pleural effusion — what a lung histogram sees;
 * pericardial effusion: the heart mask's volume over the exact heart's, in effusion cases and
-  in as many others, and the share of it that is fluid outside every exact anatomy (−10…30 HU).
+  in as many others, and the share of it that is fluid outside every exact anatomy (−10…30 HU);
+* coronary calcification: the AUC of "share of the heart mask's voxels at ≥ 300 HU" (what the
+  heart histogram's top bins see), and in the calcified cases the share of the exact heart's
+  ≥ 300 HU voxels (its plaques: the phantoms keep bone out of the heart) the mask covers.
 
 Why: a model scored on exact masks can lose a finding when served because the mask moved, not
 the model (bench/README.md, `builtin_segmentation.py`). Nothing is asserted.
@@ -42,6 +45,7 @@ LUNG, HEART = 1, 2
 LUNG_FINDINGS = ("atelectasis", "consolidation", "lung_opacity", "pleural_effusion")
 DENSE_HU = (-300.0, 100.0)
 FLUID_HU = (-10.0, 30.0)
+CALCIUM_HU = 300.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     heart: dict[str, dict[str, list[tuple[float, float]]]] = {
         k: {"effusion": [], "other": []} for k in kinds
     }
+    calcium: dict[str, list[float]] = {k: [] for k in kinds}
+    plaque_cover: dict[str, list[float]] = {k: [] for k in kinds}
     labels: list[dict[str, int]] = []
     others = 0
     rows = read_synthetic(args.heldout / "manifest.csv")[: args.cases]
@@ -80,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         others += 0 if effusion else 1
         fluid = (truth == 0) & (hu > FLUID_HU[0]) & (hu < FLUID_HU[1])
         exact_heart = max(1, int((truth == HEART).sum()))
+        plaques = (truth == HEART) & (hu >= CALCIUM_HU)
         for kind, labelled in maps.items():
             lung = hu[labelled == LUNG]
             dense[kind].append(float(((lung >= DENSE_HU[0]) & (lung < DENSE_HU[1])).mean()))
+            mask = labelled == HEART
+            calcium[kind].append(float((hu[mask] >= CALCIUM_HU).mean()) if mask.any() else 0.0)
+            if found["coronary_artery_wall_calcification"] and plaques.any():
+                plaque_cover[kind].append(float((mask & plaques).sum() / plaques.sum()))
             if keep_heart:
-                mask = labelled == HEART
                 heart[kind]["effusion" if effusion else "other"].append(
                     (mask.sum() / exact_heart, (mask & fluid).sum() / exact_heart)
                 )
@@ -102,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                 ratio, fluid_share = np.mean(values, axis=0)
                 parts.append(f"{group} ({len(values)}) ×{ratio:.2f}, fluid {fluid_share:.3f}")
         print(f"  {kind}: " + "; ".join(parts))
+    y = [f["coronary_artery_wall_calcification"] for f in labels]
+    print(f"\ncoronary calcification ({sum(y)} positive), heart mask at >= {CALCIUM_HU:g} HU:")
+    for kind in kinds:
+        share = np.asarray(calcium[kind]) * 1000
+        with_, without = share[np.asarray(y, bool)], share[~np.asarray(y, bool)]
+        print(
+            f"  {kind}: AUC of its share {roc_auc(calcium[kind], y):.3f} (per mille, median "
+            f"with {np.median(with_):.2f}, without {np.median(without):.2f}, without's 90th "
+            f"percentile {np.percentile(without, 90):.2f}); exact plaque voxels covered "
+            f"{np.mean(plaque_cover[kind]):.3f} (mean of {len(plaque_cover[kind])})"
+        )
     return 0
 
 
