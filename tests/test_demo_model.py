@@ -74,6 +74,22 @@ def test_builtin_segmentation_network_loads_from_the_package(profile: str) -> No
     assert provider.name == "builtin"
 
 
+@pytest.fixture
+def seen(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list:
+    """The recipes ``build-demo`` commands hand to ``build_demo`` (patched: nothing is built)."""
+    from fvlm_pacs.model import demo_build
+
+    recipes: list[demo_build.DemoRecipe] = []
+
+    def fake_build(recipe: demo_build.DemoRecipe, work: Path, out: Path | None) -> Path:
+        recipes.append(recipe)
+        (tmp_path / demo_build.EVAL_FILE).write_text('{"mean_auc": 0.5}', encoding="utf-8")
+        return tmp_path
+
+    monkeypatch.setattr(demo_build, "build_demo", fake_build)
+    return recipes
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -89,7 +105,7 @@ def test_builtin_segmentation_network_loads_from_the_package(profile: str) -> No
     ],
 )
 def test_the_cards_rebuild_line_builds_its_recipe(
-    changes: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    changes: dict, seen: list, tmp_path: Path
 ) -> None:
     """The card's rebuild line, run as written, gives back the recipe it was written for — also
     where a default moved (lesion counts) or a value starts with '-' (a HU window)."""
@@ -99,34 +115,16 @@ def test_the_cards_rebuild_line_builds_its_recipe(
     from fvlm_pacs.model import demo_build
 
     recipe = demo_build.DemoRecipe(**changes)
-    seen: list[demo_build.DemoRecipe] = []
-
-    def fake_build(got: demo_build.DemoRecipe, work: Path, out: Path | None) -> Path:
-        seen.append(got)
-        (tmp_path / demo_build.EVAL_FILE).write_text('{"mean_auc": 0.5}', encoding="utf-8")
-        return tmp_path
-
-    monkeypatch.setattr(demo_build, "build_demo", fake_build)
     words = shlex.split(demo_build.rebuild_command(recipe))
     assert words[:3] == ["fvlm-pacs", "model", "build-demo"]
     assert main([*words[1:], "--work", str(tmp_path / "w")]) == 0
     assert seen == [recipe]
 
 
-def test_build_demo_command_uses_the_recipe_defaults(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_build_demo_command_uses_the_recipe_defaults(seen: list, tmp_path: Path) -> None:
     from fvlm_pacs.cli import main
     from fvlm_pacs.model import demo_build
 
-    seen: list[demo_build.DemoRecipe] = []
-
-    def fake_build(recipe: demo_build.DemoRecipe, work: Path, out: Path | None) -> Path:
-        seen.append(recipe)
-        (tmp_path / demo_build.EVAL_FILE).write_text('{"mean_auc": 0.5}', encoding="utf-8")
-        return tmp_path
-
-    monkeypatch.setattr(demo_build, "build_demo", fake_build)
     assert main(["model", "build-demo", "--work", str(tmp_path / "w")]) == 0
     assert main(["model", "build-demo", "--steps", "7", "--work", str(tmp_path / "w")]) == 0
     assert main(["model", "build-demo", "--stem", "patch", "--work", str(tmp_path)]) == 0
