@@ -108,9 +108,10 @@ class DemoRecipe:
     slices over 5 mm). ``seg_steps`` is the builtin segmentation network's own budget (0: no
     network is shipped), ``seg_extra_windows`` its input windows after the first (HU; e.g.
     :data:`~fvlm_pacs.segmentation.builtin.SOFT_TISSUE_WINDOW`). ``vit_width`` is the ViT's
-    hidden size (MLP 2×, 4 heads) and ``hu_windows`` its input channels, ``hierarchical_stem`` its patchify (the stem of
-    :data:`~fvlm_pacs.model.config.HMLP_STEM_STRIDES`, else the release's convolution, which
-    trains at ``patch_lr_scale``), ``histograms`` whether each anatomy's HU histogram
+    hidden size (MLP 2×, 4 heads) and ``hu_windows`` its input channels, ``hierarchical_stem``
+    its patchify (the stem of :data:`~fvlm_pacs.model.config.HMLP_STEM_STRIDES`, else the
+    release's convolution, which trains at ``patch_lr_scale``), ``histograms`` whether each
+    anatomy's HU histogram
     (:data:`~fvlm_pacs.model.histogram.HISTOGRAM_EDGES`) joins its embedding,
     ``histogram_context`` whether the histogram of its surroundings (:data:`CONTEXT_SHELL`
     voxels) and its volume join too, ``lesion_counts`` whether its counts of round and elongated
@@ -397,26 +398,32 @@ def write_demo_prompts(
 def rebuild_command(recipe: DemoRecipe) -> str:
     """The ``build-demo`` command line that rebuilds ``recipe`` (the card's "Rebuild"): every
     option the CLI has, so that it stays right when a default changes."""
-    return (
-        f"fvlm-pacs model build-demo --cases {recipe.cases} --steps {recipe.steps} "
-        f"--seg-steps {recipe.seg_steps} --seed {recipe.seed} --vit-width {recipe.vit_width} "
-        f"--objective {recipe.objective} --negative-prompts {recipe.negative_prompts} "
-        f"--positive-prompts {recipe.positive_prompts} "
-        f"--stem {'hierarchical' if recipe.hierarchical_stem else 'patch'} "
-        f"--histograms {'on' if recipe.histograms else 'off'} "
-        f"--histogram-context {'on' if recipe.histogram_context else 'off'} "
-        f"--lesion-counts {'on' if recipe.lesion_counts else 'off'} "
-        + f"--sentence-keep {recipe.sentence_keep:g} "
-        + (
-            "--seg-extra-windows="  # '=': a window's low end starts with '-'
-            + ",".join(f"{lo:g}:{hi:g}" for lo, hi in recipe.seg_extra_windows)
-            + " "
-            if recipe.seg_extra_windows
-            else ""
-        )
-        + f"--whole-text-anatomies {','.join(recipe.whole_text_anatomies) or 'none'} "
-        f"--heldout-cases {recipe.heldout_cases}"
-    )
+
+    def on(flag: bool) -> str:
+        return "on" if flag else "off"
+
+    words = [
+        "fvlm-pacs model build-demo",
+        f"--cases {recipe.cases}",
+        f"--steps {recipe.steps}",
+        f"--seg-steps {recipe.seg_steps}",
+        f"--seed {recipe.seed}",
+        f"--vit-width {recipe.vit_width}",
+        f"--objective {recipe.objective}",
+        f"--negative-prompts {recipe.negative_prompts}",
+        f"--positive-prompts {recipe.positive_prompts}",
+        f"--stem {'hierarchical' if recipe.hierarchical_stem else 'patch'}",
+        f"--histograms {on(recipe.histograms)}",
+        f"--histogram-context {on(recipe.histogram_context)}",
+        f"--lesion-counts {on(recipe.lesion_counts)}",
+        f"--sentence-keep {recipe.sentence_keep:g}",
+    ]
+    if recipe.seg_extra_windows:  # '=': a window's low end starts with '-'
+        windows = ",".join(f"{lo:g}:{hi:g}" for lo, hi in recipe.seg_extra_windows)
+        words.append(f"--seg-extra-windows={windows}")
+    words.append(f"--whole-text-anatomies {','.join(recipe.whole_text_anatomies) or 'none'}")
+    words.append(f"--heldout-cases {recipe.heldout_cases}")
+    return " ".join(words)
 
 
 def model_card(
